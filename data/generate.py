@@ -1,0 +1,110 @@
+"""Writes the small data sets that ship with hpcft (no dataset hub needed):
+
+    python data/generate.py      # -> data/samsum_tiny.jsonl (400), data/alpaca_tiny.jsonl (240)
+
+Dialogues are made from templates with a fixed seed, so the files are reproducible. They are
+meant for smoke tests and demos: short, varied, and learnable by a tiny model in a few steps.
+"""
+import json
+import random
+from pathlib import Path
+
+NAMES = ["Anna", "Tom", "Maya", "Lucas", "Priya", "Omar", "Julia", "Ken", "Sofia", "Ben", "Lena", "Raj",
+         "Chloe", "Marek", "Aisha", "Diego", "Hana", "Felix", "Nora", "Sam"]
+PLACES = ["the Thai place", "the office", "the gym", "Central Station", "the library", "the park", "Mia's flat",
+          "the cinema", "the coffee shop on 5th", "the lab"]
+DAYS = ["today", "tomorrow", "on Monday", "on Friday", "this weekend", "next Tuesday", "tonight"]
+TIMES = ["9:00", "10:30", "12:15", "13:00", "15:45", "18:00", "19:30", "20:00"]
+ITEMS = ["the charger", "the report", "the keys", "the slides", "the tickets", "the blue folder", "the umbrella",
+         "the laptop", "the receipts", "the cake"]
+ACTIVITIES = ["lunch", "a run", "the meeting", "a movie", "dinner", "the review", "coffee", "a board game night"]
+
+
+def meet(r):
+    a, b = r.sample(NAMES, 2)
+    act, place, day, t = r.choice(ACTIVITIES), r.choice(PLACES), r.choice(DAYS), r.choice(TIMES)
+    lines = [f"{a}: Are we still on for {act} {day}?", f"{b}: Yes! {t} at {place}?",
+             f"{a}: Perfect, see you there.", f"{b}: Great :)"]
+    if r.random() < 0.5:
+        lines.insert(2, f"{a}: Can we make it a bit later? I have a call before.")
+        t2 = r.choice([x for x in TIMES if x != t])
+        lines.insert(3, f"{b}: Sure, {t2} then.")
+        t = t2
+    return lines, f"{a} and {b} will meet for {act} at {place} {day} at {t}."
+
+
+def forgot(r):
+    a, b = r.sample(NAMES, 2)
+    item, place = r.choice(ITEMS), r.choice(PLACES)
+    lines = [f"{a}: Hey, did I leave {item} at {place}?", f"{b}: Let me check.", f"{b}: Yes, it's here.",
+             f"{a}: Phew. Could you bring it {r.choice(DAYS)}?", f"{b}: No problem."]
+    return lines, f"{a} left {item} at {place}. {b} will bring it."
+
+
+def late(r):
+    a, b = r.sample(NAMES, 2)
+    mins = r.choice([5, 10, 15, 20, 30, 45])
+    why = r.choice(["the train is delayed", "traffic is terrible", "I overslept", "my bike has a flat tyre",
+                    "the meeting ran over"])
+    lines = [f"{a}: I'm running {mins} minutes late, {why}.", f"{b}: No worries, I'll order for you.",
+             f"{a}: Thanks, you're the best."]
+    return lines, f"{a} will be {mins} minutes late because {why.replace('I ', a + ' ').replace('my ', 'their ')}. {b} will order."
+
+
+def shopping(r):
+    a, b = r.sample(NAMES, 2)
+    items = r.sample(["milk", "eggs", "bread", "apples", "coffee", "rice", "tomatoes", "cheese", "pasta", "tea"], 3)
+    lines = [f"{a}: I'm at the shop, need anything?", f"{b}: Yes please, {items[0]} and {items[1]}.",
+             f"{b}: Oh and {items[2]} if they have it.", f"{a}: Got it."]
+    return lines, f"{a} is at the shop and will buy {items[0]}, {items[1]} and {items[2]} for {b}."
+
+
+def plan_trip(r):
+    a, b, c = r.sample(NAMES, 3)
+    city = r.choice(["Lisbon", "Kyoto", "Prague", "Oslo", "Cape Town", "Montreal", "Vienna", "Seoul"])
+    month = r.choice(["March", "May", "July", "September", "October", "December"])
+    lines = [f"{a}: Trip in {month}? I was thinking {city}.", f"{b}: I'm in!", f"{c}: Me too, but only after the 10th.",
+             f"{a}: OK, I'll look at flights after the 10th."]
+    return lines, f"{a}, {b} and {c} plan a trip to {city} in {month} after the 10th. {a} will check flights."
+
+
+def samsum(n, seed=1):
+    r = random.Random(seed)
+    makers = [meet, forgot, late, shopping, plan_trip]
+    out = []
+    for i in range(n):
+        lines, summary = makers[i % len(makers)](r)
+        out.append({"id": f"tiny-{i:04d}", "dialogue": "\n".join(lines), "summary": summary})
+    return out
+
+
+def alpaca(n, seed=2):
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a, b = r.randint(2, 99), r.randint(2, 99)
+            out.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": str(a + b)})
+        elif kind == 1:
+            words = r.sample(["red", "fast", "cloud", "river", "stone", "quiet", "lamp", "green", "tiger", "bread"], 4)
+            out.append({"instruction": "Reverse the order of the words.", "input": " ".join(words),
+                        "output": " ".join(reversed(words))})
+        elif kind == 2:
+            name = r.choice(NAMES)
+            out.append({"instruction": f"Write a one-line greeting for {name}.", "input": "",
+                        "output": f"Hello {name}, it is great to see you!"})
+        else:
+            w = r.choice(["apple", "banana", "kiwi", "plum", "grape", "mango", "cherry", "lemon"])
+            out.append({"instruction": "Spell the word in capital letters.", "input": w, "output": w.upper()})
+    return out
+
+
+def write(path: Path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    write(here / "samsum_tiny.jsonl", samsum(400))
+    write(here / "alpaca_tiny.jsonl", alpaca(240))

@@ -1,0 +1,3 @@
+"""hpcft: Slurm-aware fine-tuning of LLMs across many GPUs and nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""What each CLI command does and prints (rich output); the work itself is in the modules."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hpcft import jobs
+from hpcft.errors import SpecError
+from hpcft.paths import RunPaths, find_run_dir
+
+console = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def submit(spec_path: str | None, overrides: list[str], command: list[str], *, dry_run: bool, wait: bool) -> int:
+    from hpcft.render import entry_command, render_sbatch
+    from hpcft.spec import load_spec
+    from hpcft.submit import SubmitError, resolve_paths
+    from hpcft.submit import submit as do_submit
+
+    spec = load_spec(spec_path, overrides)
+    if command:
+        spec = spec.replace(launch=spec.launch.__class__(**{**spec.launch.__dict__, "command": tuple(command)}))
+    spec = resolve_paths(spec, Path.cwd())
+    source = spec_path or "hpcft defaults"
+    if dry_run:
+        if spec.launch.backend == "submitit":
+            print(f"# backend submitit: submitit writes its own sbatch script; on each node it runs\n"
+                  f"#   python -m hpcft.launch --node -- {shlex.join(entry_command(spec))}")
+        else:
+            sys.stdout.write(render_sbatch(spec, source=source))
+        return 0
+    try:
+        sub = do_submit(spec, source=source)
+    except SubmitError as exc:
+        err.print(f"hpcft: error: {exc}")
+        return 2
+    table = Table(show_header=False, box=None)
+    table.add_row("job", f"[bold]{sub.job_id}[/] ({spec.name}, {sub.backend}, {spec.resources.nodes} node(s) x "
+                         f"{spec.resources.gpus_per_node} GPU(s))")
+    table.add_row("run dir", str(sub.run_dir))
+    table.add_row("rank logs", str(sub.run_dir / "rank-NNN.log"))
+    table.add_row("metrics", str(RunPaths(sub.run_dir).metrics))
+    table.add_row("model", str(RunPaths(sub.run_dir).model))
+    table.add_row("job output", str(sub.slurm_output))
+    table.add_row("follow", f"hpcft status {sub.job_id}   hpcft logs {sub.job_id}   hpcft cancel {sub.job_id}")
+    console.print(table)
+    if not wait:
+        return 0
+    info = jobs.wait_for(sub.job_id)
+    state = info.state if info else "UNKNOWN"
+    console.print(f"job {sub.job_id}: {state}")
+    if state != "COMPLETED":
+        logs(str(sub.run_dir), spec.output_dir, failure_only=True)
+        return 1
+    summary = RunPaths(sub.run_dir).summary
+    if summary.exists():
+        console.print(summary.read_text())
+    return 0
+
+
+def logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
+    from hpcft.logs import first_failure, merged_lines
+
+    run_dir = find_run_dir(ref, output_dir)
+    if run_dir is None:
+        raise SpecError("ref", f"no run directory {ref!r} and no job {ref!r} under {output_dir}/*/; "
+                               "pass a run directory or --output-dir")
+    paths = RunPaths(run_dir)
+    if not failure_only:
+        out = Path(output_dir) / "slurm-{}.out".format(run_dir.name)
+        if out.exists():
+            console.print(f"[dim]== job output {out}[/]")
+        for line in merged_lines(paths):
+            print(line)
+    failure = first_failure(paths)
+    if failure is None:
+        console.print(f"[green]no failed rank in {run_dir}[/]")
+        return 0
+    err.print(f"[bold red]first failure: rank {failure.rank}[/] on {failure.host or 'unknown host'} ({failure.reason})")
+    for line in failure.tail:
+        err.print(f"  {line}", markup=False)
+    return 1
+
+
+def status(job_ids: list[str]) -> int:
+    rows = jobs.queue(job_ids or None)
+    found = {r.job_id for r in rows}
+    for jid in job_ids:
+        if jid not in found:
+            info = jobs.job_info(jid)
+            if info is not None:
+                rows.append(info)
+            else:
+                err.print(f"hpcft: no job {jid} in squeue, scontrol or sacct")
+    table = Table(*jobs.SQUEUE_FIELDS, "ExitCode", title="hpcft jobs")
+    colours = {"RUNNING": "green", "PENDING": "yellow", "COMPLETED": "blue", "FAILED": "red", "CANCELLED": "magenta"}
+    for r in rows:
+        c = colours.get(r.state.split()[0], "white")
+        table.add_row(r.job_id, r.name, f"[{c}]{r.state}[/]", r.elapsed, r.time_limit, r.nodes, r.reason, r.exit_code)
+    console.print(table)
+    return 0 if rows or not job_ids else 1
+
+
+def cancel(job_ids: list[str]) -> int:
+    proc = jobs.cancel(job_ids)
+    if proc.returncode != 0:
+        err.print(f"hpcft: scancel failed: {proc.stderr.strip()}")
+        return 1
+    console.print(f"cancelled {', '.join(job_ids)}")
+    return 0
+
+
+def make_tiny(out_dir: str, *, hidden_size: int, layers: int, heads: int, vocab_size: int,
+              corpus: list[str] | None) -> int:
+    from hpcft.tiny import count_parameters, make_tiny_model
+
+    if hidden_size % heads:
+        raise SpecError("--hidden-size", f"must be a multiple of --heads ({heads}); got {hidden_size}")
+    files = corpus if corpus is not None else [p for p in ("data/samsum_tiny.jsonl", "data/alpaca_tiny.jsonl")
+                                               if Path(p).is_file()]
+    for f in files:
+        if not Path(f).is_file():
+            raise SpecError("--corpus", f"no such file {f}")
+    path = make_tiny_model(out_dir, corpus=files, vocab_size=vocab_size, hidden_size=hidden_size,
+                           num_layers=layers, num_heads=heads)
+    console.print(f"tiny model: {path} ({count_parameters(path):,} parameters; tokenizer from {len(files)} file(s))")
+    return 0

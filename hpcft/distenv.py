@@ -1,0 +1,208 @@
+"""One environment table: SLURM_* and torchrun variables -> SlurmEnv / DistEnv / Rendezvous.
+
+Nothing else in hpcft reads these variables; everything else takes the dataclasses built here.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from hpcft.hostlist import expand_hostlist
+
+# property -> variables to try, first set wins (step-level values before job-level ones).
+SLURM_TABLE: dict[str, tuple[str, ...]] = {
+    "job_id": ("SLURM_JOB_ID", "SLURM_JOBID"),
+    "job_name": ("SLURM_JOB_NAME",),
+    "job_nodelist": ("SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+    "job_num_nodes": ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"),
+    "step_id": ("SLURM_STEP_ID", "SLURM_STEPID"),
+    "step_nodelist": ("SLURM_STEP_NODELIST",),
+    "step_num_nodes": ("SLURM_STEP_NUM_NODES",),
+    "node_id": ("SLURM_NODEID",),
+    "procid": ("SLURM_PROCID",),
+    "localid": ("SLURM_LOCALID",),
+    "ntasks": ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+    "tasks_per_node": ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"),
+    "gpus_on_node": ("SLURM_GPUS_ON_NODE",),
+    "gpus_per_node": ("SLURM_GPUS_PER_NODE",),
+    "step_gpus": ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"),
+    "cpus_per_task": ("SLURM_CPUS_PER_TASK",),
+    "cpus_on_node": ("SLURM_CPUS_ON_NODE",),
+    "restart_count": ("SLURM_RESTART_COUNT",),
+}
+
+TORCHRUN_TABLE: dict[str, tuple[str, ...]] = {
+    "rank": ("RANK",),
+    "world_size": ("WORLD_SIZE",),
+    "local_rank": ("LOCAL_RANK",),
+    "local_world_size": ("LOCAL_WORLD_SIZE",),
+    "group_rank": ("GROUP_RANK",),
+    "master_addr": ("MASTER_ADDR",),
+    "master_port": ("MASTER_PORT",),
+}
+
+PORT_BASE, PORT_SPAN = 20000, 20000
+
+
+def _read(env: Mapping[str, str], table: dict[str, tuple[str, ...]]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for prop, names in table.items():
+        out[prop] = next((env[n] for n in names if env.get(n, "") != ""), None)
+    return out
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def rdzv_port_for(job_id: str) -> int:
+    """A port from the job id: distinct for concurrent jobs, the same on every node of one job."""
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return PORT_BASE + int(digits) % PORT_SPAN
+
+
+@dataclass(frozen=True)
+class SlurmEnv:
+    job_id: str | None
+    job_name: str | None
+    job_nodelist: tuple[str, ...]
+    job_num_nodes: int
+    step_id: str | None
+    step_nodelist: tuple[str, ...]
+    node_id: int
+    procid: int
+    localid: int
+    ntasks: int
+    gpus_on_node: int | None
+    cpus_per_task: int | None
+    restart_count: int
+
+    @property
+    def in_job(self) -> bool:
+        return self.job_id is not None
+
+    @property
+    def in_step(self) -> bool:
+        # The batch script runs as step "batch"/"extern", which is not a step launched by srun.
+        return self.step_id is not None and self.step_id.isdigit()
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Hosts of the current step when inside one, else of the whole job."""
+        return self.step_nodelist if (self.in_step and self.step_nodelist) else self.job_nodelist
+
+
+def collect_slurm_env(env: Mapping[str, str] | None = None) -> SlurmEnv:
+    env = os.environ if env is None else env
+    v = _read(env, SLURM_TABLE)
+    gpus = _count_gpus(v)
+    return SlurmEnv(
+        job_id=v["job_id"],
+        job_name=v["job_name"],
+        job_nodelist=tuple(expand_hostlist(v["job_nodelist"])) if v["job_nodelist"] else (),
+        job_num_nodes=_int(v["job_num_nodes"], 1),
+        step_id=v["step_id"],
+        step_nodelist=tuple(expand_hostlist(v["step_nodelist"])) if v["step_nodelist"] else (),
+        node_id=_int(v["node_id"], 0),
+        procid=_int(v["procid"], 0),
+        localid=_int(v["localid"], 0),
+        ntasks=_int(v["ntasks"], 1),
+        gpus_on_node=gpus,
+        cpus_per_task=_int(v["cpus_per_task"], 0) or None,
+        restart_count=_int(v["restart_count"], 0),
+    )
+
+
+def _count_gpus(v: dict[str, str | None]) -> int | None:
+    if v["gpus_on_node"] is not None:
+        return _int(v["gpus_on_node"], 0)
+    if v["step_gpus"]:
+        return len([g for g in v["step_gpus"].split(",") if g])
+    if v["gpus_per_node"]:
+        return _int(v["gpus_per_node"].rpartition(":")[2], 0)
+    return None
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """What one node's torchrun needs to find the others."""
+
+    host: str  # first host of the nodelist: runs the c10d store
+    port: int
+    run_id: str
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def plan_rendezvous(slurm: SlurmEnv, *, cuda_devices: int, port: int | None = None) -> Rendezvous:
+    """Rendezvous for one node of a Slurm step: one process per GPU.
+
+    Without CUDA the GPU count Slurm granted becomes the number of CPU processes, so a job asked
+    for --gpus-per-node 4 runs 4 ranks per node on any machine.
+    """
+    if not slurm.in_job:
+        raise RuntimeError("not inside a Slurm allocation (SLURM_JOB_ID is unset); use salloc/sbatch or hpcft submit")
+    nodes = slurm.nodes or ("localhost",)
+    nproc = cuda_devices if cuda_devices > 0 else (slurm.gpus_on_node or 1)
+    return Rendezvous(
+        host=nodes[0],
+        port=port if port is not None else rdzv_port_for(slurm.job_id or "0"),
+        run_id=f"hpcft-{slurm.job_id}-{slurm.restart_count}",
+        nnodes=len(nodes),
+        node_rank=slurm.node_id if len(nodes) > 1 else 0,
+        nproc_per_node=max(1, nproc),
+    )
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job: from torchrun/accelerate, srun one-task-per-rank, or alone."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # torchrun | srun | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def collect_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if env is None else env
+    t = _read(env, TORCHRUN_TABLE)
+    if t["rank"] is not None and t["world_size"] is not None:
+        return DistEnv(
+            rank=_int(t["rank"], 0), world_size=_int(t["world_size"], 1),
+            local_rank=_int(t["local_rank"], 0), local_world_size=_int(t["local_world_size"], 1),
+            node_rank=_int(t["group_rank"], 0), master_addr=t["master_addr"] or "127.0.0.1",
+            master_port=_int(t["master_port"], 29500), launcher="torchrun",
+        )
+    s = collect_slurm_env(env)
+    if s.in_step and s.ntasks > 1:
+        nodes = s.nodes or ("127.0.0.1",)
+        per_node = max(1, s.ntasks // max(1, len(nodes)))
+        return DistEnv(
+            rank=s.procid, world_size=s.ntasks, local_rank=s.localid, local_world_size=per_node,
+            node_rank=s.node_id, master_addr=t["master_addr"] or nodes[0],
+            master_port=_int(t["master_port"], rdzv_port_for(s.job_id or "0") + 1), launcher="srun",
+        )
+    return DistEnv()

@@ -1,0 +1,79 @@
+"""squeue / scontrol / sacct / scancel, read back into plain data for `hpcft status|cancel|submit --wait`."""
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE"}
+SQUEUE_FIELDS = ("JobID", "Name", "State", "Elapsed", "TimeLimit", "Nodes", "Reason")
+SQUEUE_FORMAT = "%i|%j|%T|%M|%l|%D|%R"
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    name: str
+    state: str
+    elapsed: str
+    time_limit: str
+    nodes: str
+    reason: str  # nodelist when running, why it waits when pending
+    exit_code: str = ""
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise SystemExit(f"hpcft: {argv[0]} not found; run on a Slurm login node (or: bash envs/local-cluster.sh up)")
+
+
+def queue(job_ids: list[str] | None = None) -> list[JobInfo]:
+    argv = ["squeue", "-h", "-o", SQUEUE_FORMAT]
+    if job_ids:
+        argv += ["-j", ",".join(job_ids)]
+    proc = _run(argv)
+    if proc.returncode != 0:
+        return []
+    return [JobInfo(*line.split("|", 6)) for line in proc.stdout.splitlines() if line.count("|") >= 6]
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    out = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def job_info(job_id: str) -> JobInfo | None:
+    """A job's state, whether it is still queued or recently finished (scontrol, then sacct)."""
+    proc = _run(["scontrol", "-o", "show", "job", job_id])
+    if proc.returncode == 0 and proc.stdout.strip():
+        d = parse_scontrol(proc.stdout.splitlines()[0])
+        return JobInfo(job_id, d.get("JobName", ""), d.get("JobState", "UNKNOWN"), d.get("RunTime", ""),
+                       d.get("TimeLimit", ""), d.get("NumNodes", ""), d.get("NodeList", "") or d.get("Reason", ""),
+                       d.get("ExitCode", ""))
+    proc = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,JobName,State,Elapsed,Timelimit,NNodes,NodeList,ExitCode"])
+    if proc.returncode == 0 and proc.stdout.strip():
+        f = proc.stdout.splitlines()[0].split("|")
+        return JobInfo(f[0], f[1], f[2].split()[0], f[3], f[4], f[5], f[6], f[7])
+    return None
+
+
+def wait_for(job_id: str, *, poll_s: float = 2.0, timeout_s: float | None = None) -> JobInfo | None:
+    start = time.monotonic()
+    while True:
+        info = job_info(job_id)
+        if info is not None and info.state.split()[0] in TERMINAL:
+            return info
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            return info
+        time.sleep(poll_s)
+
+
+def cancel(job_ids: list[str]) -> subprocess.CompletedProcess:
+    return _run(["scancel", *job_ids])

@@ -1,0 +1,107 @@
+"""Per-node launcher: Slurm allocation -> torchrun with c10d rendezvous, one rank per GPU.
+
+Inside a batch script (what `hpcft submit` renders):
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 python -m hpcft.launch --node -- -m hpcft.train ...
+Inside an interactive allocation (salloc -N2 --gpus-per-node=4, or an srun --pty shell):
+    hpcft launch -- -m hpcft.train --max_train_step=20
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Mapping
+
+from hpcft.distenv import Rendezvous, SlurmEnv, collect_slurm_env, plan_rendezvous
+from hpcft.paths import RUN_DIR_ENV, RunPaths
+
+SRUN_FLAGS = ("--kill-on-bad-exit=1", "--ntasks-per-node=1")
+
+
+def torchrun_argv(rdzv: Rendezvous, command: list[str], *, python: str = sys.executable) -> list[str]:
+    """torchrun for one node; each rank runs `command` through hpcft.rankrun (per-rank log + exit record)."""
+    return [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", str(rdzv.nnodes),
+        "--nproc-per-node", str(rdzv.nproc_per_node),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", rdzv.endpoint,
+        "--rdzv-id", rdzv.run_id,
+        "--max-restarts", "0",
+        "-m", "hpcft.rankrun", *command,
+    ]
+
+
+def rank_threads(slurm: SlurmEnv, nproc: int) -> int:
+    """CPU threads per rank: the task's CPUs shared among the node's ranks."""
+    return max(1, (slurm.cpus_per_task or 1) // max(1, nproc))
+
+
+def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda: bool) -> dict[str, str]:
+    env = dict(base)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if not cuda:
+        env.setdefault("OMP_NUM_THREADS", str(rank_threads(slurm, rdzv.nproc_per_node)))
+    return env
+
+
+def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
+    """Replace this process with torchrun for this node (never returns)."""
+    import torch  # only here: the outer launcher and the CLI stay light
+
+    base = dict(os.environ if env is None else env)
+    slurm = collect_slurm_env(base)
+    port = int(base["HPCFT_RDZV_PORT"]) if base.get("HPCFT_RDZV_PORT") else None
+    cuda = torch.cuda.is_available()
+    rdzv = plan_rendezvous(slurm, cuda_devices=torch.cuda.device_count() if cuda else 0, port=port)
+    child_env = node_env(slurm, rdzv, base, cuda=cuda)
+    print(f"hpcft.launch: node {rdzv.node_rank}/{rdzv.nnodes} ({os.uname().nodename}) starts "
+          f"{rdzv.nproc_per_node} {'GPU' if cuda else 'CPU'} ranks, rendezvous {rdzv.endpoint}", flush=True)
+    argv = torchrun_argv(rdzv, command)
+    os.execvpe(argv[0], argv, child_env)
+
+
+def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable) -> list[str]:
+    """srun that starts one node launcher on every node of the allocation."""
+    argv = ["srun", *SRUN_FLAGS, f"--nodes={slurm.job_num_nodes}"]
+    if slurm.cpus_per_task:
+        argv.append(f"--cpus-per-task={slurm.cpus_per_task}")
+    if slurm.in_step:
+        # Inside an `srun --pty` shell the resources belong to that step; share them.
+        argv.append("--overlap")
+    return [*argv, python, "-m", "hpcft.launch", "--node", "--", *inner]
+
+
+def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: str = "interactive",
+                         env: Mapping[str, str] | None = None) -> None:
+    """`hpcft launch`: start all ranks of the current allocation (never returns)."""
+    base = dict(os.environ if env is None else env)
+    slurm = collect_slurm_env(base)
+    if not slurm.in_job:
+        raise SystemExit("hpcft launch: not inside a Slurm allocation; start one with "
+                         "salloc --nodes=2 --gpus-per-node=4, or use hpcft submit")
+    if RUN_DIR_ENV not in base:
+        base[RUN_DIR_ENV] = str(RunPaths.for_job(Path(output_dir).resolve(), name, slurm.job_id or "0").run_dir)
+    Path(base[RUN_DIR_ENV]).mkdir(parents=True, exist_ok=True)
+    print(f"hpcft launch: run directory {base[RUN_DIR_ENV]}", flush=True)
+    argv = srun_argv(slurm, command)
+    os.execvpe(argv[0], argv, base)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    node = False
+    if args and args[0] == "--node":
+        node, args = True, args[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        raise SystemExit("usage: python -m hpcft.launch [--node] -- <python args: -m module ... | script.py ...>")
+    if node:
+        run_node(args)
+    else:
+        launch_in_allocation(args)
+
+
+if __name__ == "__main__":
+    main()

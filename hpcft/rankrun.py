@@ -1,0 +1,86 @@
+"""Per-rank wrapper that torchrun starts: runs the rank's command with its output in its own log
+file and records how it ended (exit code or signal, host, time) next to it.
+
+    torchrun ... -m hpcft.rankrun -m hpcft.train --lr=3e-4     # what the node launcher runs
+
+Rank 0's output also goes to the launcher's stdout (the job's slurm-<id>.out). Signals that Slurm
+or torchrun send to the wrapper are passed on to the rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hpcft.distenv import collect_dist_env
+from hpcft.paths import RUN_DIR_ENV, RunPaths
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def child_argv(command: list[str]) -> list[str]:
+    """`-m mod args` and `script.py args` run under this Python; anything else runs as a program."""
+    if command[0] in ("-m", "-c") or command[0].endswith(".py"):
+        return [sys.executable, *command]
+    return command
+
+
+def write_exit_record(path: Path, *, rank: int, returncode: int, started: float) -> None:
+    sig = -returncode if returncode < 0 else None
+    record = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "returncode": returncode,
+        "signal": signal.Signals(sig).name if sig else None,
+        "started": started,
+        "ended": time.time(),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = list(sys.argv[1:] if argv is None else argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("usage: python -m hpcft.rankrun <-m module | script.py | program> [args...]", file=sys.stderr)
+        return 2
+    dist = collect_dist_env()
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        os.execvp(child_argv(command)[0], child_argv(command))
+    paths = RunPaths(Path(run_dir))
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(paths.rank_log(dist.rank), "ab", buffering=0) as log:
+        tee = dist.rank == 0
+        proc = subprocess.Popen(child_argv(command), env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if tee else log, stderr=subprocess.STDOUT)
+        for sig in FORWARDED:
+            signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        if tee:
+            assert proc.stdout is not None
+            out = sys.stdout.buffer
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                log.write(chunk)
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (BrokenPipeError, OSError):
+                    pass
+        rc = proc.wait()
+    write_exit_record(paths.rank_exit(dist.rank), rank=dist.rank, returncode=rc, started=started)
+    return rc if rc >= 0 else 128 - rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Pure render: JobSpec in, sbatch script text out. No environment, clock or subprocess in here.
+
+    print(render_sbatch(load_spec("jobs/samsum_tiny.yaml"), source="jobs/samsum_tiny.yaml"))
+
+Counts (nodes, GPUs, CPUs) are written once, in the #SBATCH header; the launcher reads them back
+from Slurm at run time, so `sbatch --nodes=4 script` needs no other edit.
+"""
+from __future__ import annotations
+
+import shlex
+
+from hpcft.launch import SRUN_FLAGS
+from hpcft.paths import RUN_DIR_ENV, job_dir, slurm_output_pattern
+from hpcft.spec import JobSpec
+
+PYTHON = '"${HPCFT_PYTHON:-python3}"'  # hpcft submit sets HPCFT_PYTHON to its own interpreter
+TRAIN_MODULE = ("-m", "hpcft.train")
+
+
+def _sbatch_value(value: str) -> str:
+    # sbatch reads #SBATCH lines itself; double quotes keep a value with spaces in one piece.
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def gpu_request(spec: JobSpec) -> str | None:
+    r = spec.resources
+    if r.gpus_per_node == 0:
+        return None
+    count = f"{r.gpu_type}:{r.gpus_per_node}" if r.gpu_type else str(r.gpus_per_node)
+    return f"--gres=gpu:{count}" if r.gres else f"--gpus-per-node={count}"
+
+
+def sbatch_options(spec: JobSpec) -> list[str]:
+    """The #SBATCH options, in a fixed order."""
+    r = spec.resources
+    opts = [f"--job-name={spec.name}", f"--nodes={r.nodes}", "--ntasks-per-node=1"]
+    gpus = gpu_request(spec)
+    if gpus:
+        opts.append(gpus)
+    opts.append(f"--cpus-per-task={r.cpus_per_task}")
+    if r.mem is not None:
+        opts.append(f"--mem={r.mem}")
+    opts.append(f"--time={r.time}")
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(r, key)
+        if value is not None:
+            opts.append(f"--{key}={value}")
+    if r.exclusive:
+        opts.append("--exclusive")
+    opts.append(f"--output={_sbatch_value(slurm_output_pattern(spec.output_dir))}")
+    return opts
+
+
+def entry_command(spec: JobSpec) -> list[str]:
+    """What each rank runs, as python arguments: the shared entrypoint or the user's own script."""
+    if spec.launch.command:
+        return list(spec.launch.command)
+    return [*TRAIN_MODULE, *spec.train.to_args()]
+
+
+def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
+    lines = [
+        "#!/bin/bash",
+        f"# hpcft job '{spec.name}', rendered from {source}.",
+        "# Edit the spec and re-render (hpcft submit --dry-run SPEC) rather than this file. Counts are",
+        "# written only below; the launcher reads nodes and GPUs back from Slurm, so sbatch options",
+        "# such as --nodes=4 --gpus-per-node=8 on the command line are all a resize needs.",
+        "# Usage: sbatch [--nodes=N --gpus-per-node=G ...] THIS_SCRIPT [extra flags for each rank's command]",
+    ]
+    lines += [f"#SBATCH {opt}" for opt in sbatch_options(spec)]
+    lines += ["", "set -eo pipefail"]
+    if spec.launch.setup:
+        lines += ["", "# launch.setup from the spec (before set -u: module and activate scripts read unset variables)"]
+        lines += list(spec.launch.setup)
+    lines += ["set -u", ""]
+    run_dir = shlex.quote(str(job_dir(spec.output_dir, spec.name)))
+    lines.append(f'export {RUN_DIR_ENV}={run_dir}/"$SLURM_JOB_ID"')
+    if spec.launch.rdzv_port is not None:
+        lines.append(f"export HPCFT_RDZV_PORT={spec.launch.rdzv_port}")
+    for name in sorted(spec.env):
+        lines.append(f"export {name}={shlex.quote(spec.env[name])}")
+    lines += [
+        f'mkdir -p "${RUN_DIR_ENV}"',
+        f'echo "hpcft: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, run directory ${RUN_DIR_ENV}"',
+        "",
+        "# One launcher per node; it starts torchrun with one rank per GPU (per granted GPU on CPU nodes).",
+    ]
+    srun = ["srun", *SRUN_FLAGS, '--nodes="$SLURM_JOB_NUM_NODES"', '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"']
+    cmd = [PYTHON, "-m", "hpcft.launch", "--node", "--", *(shlex.quote(a) for a in entry_command(spec)), '"$@"']
+    lines.append(_wrap([*srun, *cmd]))
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(words: list[str], width: int = 100) -> str:
+    out, cur = [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            out.append(cur + " \\")
+            cur = "  " + w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    out.append(cur)
+    return "\n".join(out)

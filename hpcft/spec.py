@@ -1,0 +1,308 @@
+"""Job specs: YAML in jobs/ -> validated, frozen JobSpec.
+
+    spec = load_spec("jobs/samsum_tiny.yaml", overrides=["train.lr=3e-4", "resources.nodes=2"])
+
+Every field has a comment; validation is plain code that says what to change. Errors are SpecError
+with the dotted field name, turned into one line and exit status 2 by the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpcft.errors import SpecError
+from hpcft.train.config import TrainConfig
+
+
+# Values that go into #SBATCH lines or file names: Slurm parses those itself, so keep them plain.
+_SLURM_WORD = re.compile(r"^[A-Za-z0-9_.:+,=@%-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the job asks Slurm for. Counts live here only; launchers read them back from Slurm."""
+
+    nodes: int = 1  # number of nodes (--nodes)
+    gpus_per_node: int = 1  # GPUs per node; on a node without CUDA, CPU ranks per node
+    gpu_type: str | None = None  # e.g. "a100"; YAML may write gpus_per_node: "a100:4"
+    gres: bool = False  # ask as --gres=gpu[:type]:N instead of --gpus-per-node
+    cpus_per_task: int = 4  # CPUs for the one launcher task on each node (shared by its ranks)
+    mem: str | None = None  # memory per node as Slurm writes it: "64G", "0" for all
+    time: str = "01:00:00"  # wall-clock limit: MM, HH:MM:SS or D-HH:MM:SS
+    partition: str | None = None  # -p/--partition
+    account: str | None = None  # -A/--account
+    qos: str | None = None  # --qos
+    constraint: str | None = None  # -C/--constraint, e.g. "a100&ib"
+    exclusive: bool = False  # --exclusive: whole nodes only
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How ranks are started on the allocation."""
+
+    backend: str = "sbatch"  # "sbatch" (render + sbatch) or "submitit"
+    rdzv_port: int | None = None  # fixed rendezvous port; default derives one from the job id
+    setup: tuple[str, ...] = ()  # shell lines run first in the batch script (module load, source venv)
+    command: tuple[str, ...] = ()  # a torchrun-ready script and its args; empty: hpcft's entrypoint
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One fine-tuning job: resources, launch, training config, environment, output place."""
+
+    name: str = "hpcft"  # job name; also the run directory's parent: <output_dir>/<name>/<job-id>
+    output_dir: str = "runs"  # where run directories go (relative paths: to the submit directory)
+    resources: Resources = field(default_factory=Resources)
+    launch: Launch = field(default_factory=Launch)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    env: dict[str, str] = field(default_factory=dict)  # exported in the job before launch
+
+    def replace(self, **changes: Any) -> "JobSpec":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: dict -> dataclass, strictly (unknown keys and wrong types are errors).
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, non_none[0], where)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise SpecError(where, f"must be a mapping of {tp.__name__} fields (got {value!r})")
+        return build_dataclass(tp, value, where)
+    if origin is tuple:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(where, f"must be a list (got {value!r})")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise SpecError(where, f"must be a mapping NAME: value (got {value!r})")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise SpecError(where, f"must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise SpecError(where, f"must be an integer (got {value!r})")
+        try:
+            return int(value)
+        except ValueError:
+            raise SpecError(where, f"must be an integer (got {value!r})") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SpecError(where, f"must be a number (got {value!r})")
+        try:
+            return float(value)
+        except ValueError:
+            raise SpecError(where, f"must be a number (got {value!r})") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise SpecError(where, f"must be a string (got {value!r})")
+        return str(value)
+    raise SpecError(where, f"unsupported type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, data: dict, where: str = "") -> Any:
+    """Build `cls` from a plain dict, naming the first unknown key or bad value."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
+            raise SpecError(dotted, f"unknown key ({hint})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _parse_gpus(value: Any) -> tuple[Any, Any]:
+    """'a100:4' -> (4, 'a100'); 4 -> (4, None)."""
+    if isinstance(value, str) and ":" in value:
+        gpu_type, _, count = value.rpartition(":")
+        return count, gpu_type
+    return value, None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(dotted, f"{part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003). Values are read as YAML scalars."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+        raise SpecError(item, "overrides are written key=value with a dotted key, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def spec_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise SpecError("spec", "the file must hold a YAML mapping")
+    data = _deep_copy(data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    res = data.get("resources")
+    if isinstance(res, dict) and "gpus_per_node" in res:
+        count, gpu_type = _parse_gpus(res["gpus_per_node"])
+        res["gpus_per_node"] = count
+        if gpu_type is not None:
+            res["gpu_type"] = gpu_type
+    spec = build_dataclass(JobSpec, data)
+    validate_spec(spec)
+    return spec
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML job spec (None: the defaults) and apply dotted key=value overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError("spec", f"no such file {str(p)!r}; pass a YAML file such as jobs/samsum_tiny.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise SpecError("spec", f"{p} is not valid YAML{at}; fix the syntax") from None
+        if not isinstance(data, dict):
+            raise SpecError("spec", f"{p} must hold a YAML mapping with keys like resources:, train:")
+    return spec_from_dict(data, overrides)
+
+
+def spec_to_dict(spec: JobSpec) -> dict:
+    """The spec as plain data (for saving next to a run)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(spec).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def time_to_minutes(value: str) -> int:
+    """Slurm time strings: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    m = _TIME.match(value)
+    if not m:
+        raise ValueError(value)
+    days, a, b, c = m.groups()
+    nums = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:
+        h, mnt, s = (nums + [0, 0, 0])[:3]
+        return int(days) * 1440 + h * 60 + mnt + (1 if s else 0)
+    if len(nums) == 1:
+        return nums[0]
+    if len(nums) == 2:
+        return nums[0] + (1 if nums[1] else 0)
+    h, mnt, s = nums
+    return h * 60 + mnt + (1 if s else 0)
+
+
+def validate_spec(spec: JobSpec) -> None:
+    r = spec.resources
+    if not _NAME.match(spec.name):
+        raise SpecError("name", f"use letters, digits, '.', '_' and '-' only, starting with a letter or digit (got {spec.name!r})")
+    if not spec.output_dir or "\n" in spec.output_dir or '"' in spec.output_dir:
+        raise SpecError("output_dir", f"must be a directory path without newlines or double quotes (got {spec.output_dir!r})")
+    if r.nodes < 1:
+        raise SpecError("resources.nodes", f"must be >= 1 (got {r.nodes})")
+    if r.gpus_per_node < 0:
+        raise SpecError("resources.gpus_per_node", f"must be >= 0 (got {r.gpus_per_node})")
+    if r.gpu_type is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", r.gpu_type):
+        raise SpecError("resources.gpu_type", f"must be a plain GPU type such as a100 (got {r.gpu_type!r})")
+    if r.gpus_per_node == 0 and (r.gpu_type or r.gres):
+        raise SpecError("resources.gpus_per_node", "is 0 but a GPU type or gres was asked for; set a count such as a100:4")
+    if r.cpus_per_task < 1:
+        raise SpecError("resources.cpus_per_task", f"must be >= 1 (got {r.cpus_per_task})")
+    if r.mem is not None and not _MEM.match(r.mem):
+        raise SpecError("resources.mem", f"write memory as Slurm does, e.g. 64G or 0 (got {r.mem!r})")
+    try:
+        minutes = time_to_minutes(r.time)
+    except ValueError:
+        raise SpecError("resources.time", f"write a Slurm time such as 30, 02:00:00 or 1-00:00:00 (got {r.time!r})") from None
+    if minutes < 1:
+        raise SpecError("resources.time", f"must be at least one minute (got {r.time!r})")
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(r, key)
+        if value is not None and (key == "constraint" and not re.fullmatch(r"[A-Za-z0-9_.&|\[\]*()!:-]+", value)
+                                  or key != "constraint" and not _SLURM_WORD.match(value)):
+            raise SpecError(f"resources.{key}", f"must be a plain Slurm name without spaces or quotes (got {value!r})")
+    ln = spec.launch
+    if ln.backend not in ("sbatch", "submitit"):
+        raise SpecError("launch.backend", f"must be sbatch or submitit (got {ln.backend!r})")
+    if ln.rdzv_port is not None and not 1024 <= ln.rdzv_port <= 65535:
+        raise SpecError("launch.rdzv_port", f"must be between 1024 and 65535 (got {ln.rdzv_port})")
+    for i, line in enumerate(ln.setup):
+        if "\n" in line:
+            raise SpecError(f"launch.setup[{i}]", "one shell line per list item, without newlines")
+    for name in spec.env:
+        if not _ENV_NAME.match(name):
+            raise SpecError(f"env.{name}", "environment variable names use letters, digits and _ and do not start with a digit")
+    spec.train.validate()

@@ -1,0 +1,131 @@
+"""Submission edge: a validated JobSpec goes to Slurm through sbatch (default) or submitit.
+
+Nothing is submitted, and nothing is left on disk, unless every check passes first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcft.errors import SpecError
+from hpcft.paths import job_dir, slurm_output
+from hpcft.render import entry_command, gpu_request, render_sbatch
+from hpcft.spec import JobSpec, time_to_minutes
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    backend: str
+    run_dir: Path  # <output_dir>/<name>/<job-id>
+    slurm_output: Path
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Relative paths in the spec are relative to where the user submits; make them absolute so
+    the job finds them whatever its working directory."""
+    t = spec.train
+    train = dataclasses.replace(
+        t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
+        data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base))
+    return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train)
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """Fail before submission on what would only fail later on the cluster."""
+    if spec.launch.command:
+        return  # a user's own script reads its own inputs
+    t = spec.train
+    if not (Path(t.model_name) / "config.json").is_file():
+        raise SpecError("train.model_name", f"no model directory with config.json at {t.model_name}; "
+                                            f"build a small one with: hpcft make-tiny-model {t.model_name}")
+    for field, path in (("train.data_path", t.data_path), ("train.eval_data_path", t.eval_data_path)):
+        if path is not None and not Path(path).is_file():
+            raise SpecError(field, f"no such file {path}; point it at a local JSONL file")
+        if path is not None and not os.access(path, os.R_OK):
+            raise SpecError(field, f"{path} is not readable; fix its permissions")
+
+
+def sbatch_env() -> dict[str, str]:
+    # The job runs ranks with the interpreter that submitted it, even without an activated venv.
+    return dict(os.environ, HPCFT_PYTHON=sys.executable)
+
+
+def submit_sbatch(spec: JobSpec, script: str) -> Submitted:
+    out = Path(spec.output_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(["sbatch", "--parsable"], input=script, text=True, capture_output=True,
+                              env=sbatch_env())
+    except FileNotFoundError:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        if created:
+            out.rmdir()
+        why = "sbatch not found; run on a Slurm login node" if proc is None else proc.stderr.strip()
+        raise SubmitError(f"sbatch refused the job: {why}")
+    job_id = proc.stdout.strip().split(";")[0]
+    return Submitted(job_id, "sbatch", job_dir(out, spec.name) / job_id, slurm_output(out, job_id))
+
+
+class SubmitError(RuntimeError):
+    """Slurm refused the job (the message is Slurm's)."""
+
+
+def submit_submitit(spec: JobSpec) -> Submitted:
+    import submitit
+
+    from hpcft.submitit_entry import NodeTask
+
+    r = spec.resources
+    out = Path(spec.output_dir)
+    created = not out.exists()
+    folder = job_dir(out, spec.name) / "submitit" / "%j"
+    executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
+    gres = gpu_request(spec)
+    params: dict = dict(
+        job_name=spec.name, nodes=r.nodes, ntasks_per_node=1, cpus_per_task=r.cpus_per_task,
+        time=time_to_minutes(r.time), partition=r.partition, account=r.account, qos=r.qos,
+        constraint=r.constraint, mem=r.mem, exclusive=True if r.exclusive else None,
+        srun_args=["--kill-on-bad-exit=1"], setup=list(spec.launch.setup),
+    )
+    if gres and gres.startswith("--gres="):
+        params["gres"] = gres.split("=", 1)[1]
+    elif gres:
+        count = gres.split("=", 1)[1]
+        if ":" in count:
+            params["gres"] = f"gpu:{count}"
+        else:
+            params["gpus_per_node"] = int(count)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    task = NodeTask(command=entry_command(spec), job_dir=str(job_dir(out, spec.name)), env=dict(spec.env),
+                    rdzv_port=spec.launch.rdzv_port)
+    try:
+        job = executor.submit(task)
+    except Exception as exc:  # submitit wraps sbatch's refusal in its own error types
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise SubmitError(f"submitit could not submit: {exc}") from None
+    job_id = str(job.job_id)
+    return Submitted(job_id, "submitit", job_dir(out, spec.name) / job_id,
+                     Path(str(folder).replace("%j", job_id)) / f"{job_id}_0_log.out")
+
+
+def submit(spec: JobSpec, *, source: str) -> Submitted:
+    check_inputs(spec)
+    if spec.launch.backend == "submitit":
+        return submit_submitit(spec)
+    return submit_sbatch(spec, render_sbatch(spec, source=source))

@@ -1,0 +1,76 @@
+"""Build a small Llama-architecture model and a BPE tokenizer locally (no model hub):
+
+    hpcft make-tiny-model artifacts/tiny-llama                 # 1.8M params, vocab 4096
+    hpcft make-tiny-model artifacts/llama-16m --hidden-size 512
+
+The tokenizer is trained with `tokenizers` on the shipped JSONL data; both are saved with
+save_pretrained and load back through AutoModelForCausalLM / AutoTokenizer like any hub model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from hpcft.train.data import ALPACA_PROMPT_INPUT, SAMSUM_PROMPT
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def corpus_lines(files: Iterable[str | Path]) -> Iterator[str]:
+    yield SAMSUM_PROMPT
+    yield ALPACA_PROMPT_INPUT
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                yield from (v for v in row.values() if isinstance(v, str))
+
+
+def train_tokenizer(files: Iterable[str | Path], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus_lines(files), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=2048)
+
+
+def make_tiny_model(out_dir: str | Path, *, corpus: Iterable[str | Path], vocab_size: int = 4096,
+                    hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(list(corpus), vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3 // 8 * 8 or 8,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    return sum(p.numel() for p in model.parameters())

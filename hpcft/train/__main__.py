@@ -1,0 +1,48 @@
+"""The shared training entrypoint; every launch path ends here.
+
+    python -m hpcft.train --model_name=artifacts/tiny-llama --data_path=data/samsum_tiny.jsonl
+    torchrun --nproc-per-node 2 -m hpcft.train --max_train_step=20
+Flags are the fields of hpcft.train.config.TrainConfig (--name=value or --name value).
+"""
+from __future__ import annotations
+
+import sys
+
+from hpcft.errors import SpecError
+from hpcft.spec import build_dataclass
+from hpcft.train.config import TrainConfig
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    values: dict[str, object] = {}
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise SpecError(arg, "flags are written --name=value; see python -m hpcft.train --help")
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            value = next(it, None)
+            if value is None:
+                raise SpecError(f"train.{name}", "needs a value")
+        values[name.replace("-", "_")] = None if value == "none" else value
+    return build_dataclass(TrainConfig, values, "train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg.validate()
+        from hpcft.train.run import run
+
+        run(cfg)
+    except SpecError as exc:
+        print(f"hpcft.train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Local JSONL -> `datasets.Dataset` -> tokenized examples with the prompt masked from the loss.
+
+Two forms, as the seed guides use them:
+  samsum: {"dialogue": ..., "summary": ...}
+  alpaca: {"instruction": ..., "input": ..., "output": ...}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader, DistributedSampler
+
+from hpcft.errors import SpecError
+
+IGNORE_INDEX = -100
+COLUMNS = {"samsum": ("dialogue", "summary"), "alpaca": ("instruction", "output")}
+
+SAMSUM_PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def read_jsonl(path: str | Path, field: str = "train.data_path") -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(field, f"no such file {str(p)!r}; point it at a local JSONL file")
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SpecError(field, f"{p}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise SpecError(field, f"{p}:{lineno} must be a JSON object with the example's fields")
+            rows.append(row)
+    if not rows:
+        raise SpecError(field, f"{p} holds no examples; add JSONL lines")
+    return rows
+
+
+def detect_format(rows: list[dict], wanted: str, field: str) -> str:
+    if wanted != "auto":
+        fmt = wanted
+    else:
+        keys = set(rows[0])
+        fmt = next((f for f, cols in COLUMNS.items() if set(cols) <= keys), "")
+        if not fmt:
+            raise SpecError(field, f"cannot tell the data form from columns {sorted(keys)}; "
+                                   "use dialogue/summary (samsum) or instruction/input/output (alpaca)")
+    for lineno, row in enumerate(rows, 1):
+        missing = [c for c in COLUMNS[fmt] if not isinstance(row.get(c), str)]
+        if missing:
+            raise SpecError(field, f"example {lineno} lacks text column(s) {', '.join(missing)} needed by dataset={fmt}")
+    return fmt
+
+
+def prompt_and_target(row: dict, fmt: str) -> tuple[str, str]:
+    if fmt == "samsum":
+        return SAMSUM_PROMPT.format(dialogue=row["dialogue"]), row["summary"]
+    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
+    return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
+
+
+def tokenize_example(tokenizer, prompt: str, target: str, context_length: int) -> dict:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    p = bos + tokenizer.encode(prompt, add_special_tokens=False)
+    t = tokenizer.encode(target, add_special_tokens=False) + eos
+    ids = (p + t)[:context_length]
+    labels = ([IGNORE_INDEX] * len(p) + t)[:context_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_dataset(rows: list[dict], fmt: str, tokenizer, context_length: int) -> Dataset:
+    ds = Dataset.from_list([{"prompt": a, "target": b} for a, b in (prompt_and_target(r, fmt) for r in rows)])
+    ds = ds.map(lambda ex: tokenize_example(tokenizer, ex["prompt"], ex["target"], context_length),
+                remove_columns=["prompt", "target"], keep_in_memory=True)
+    # An example whose summary was cut off entirely teaches nothing: drop it.
+    return ds.filter(lambda ex: any(x != IGNORE_INDEX for x in ex["labels"]), keep_in_memory=True)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Dataset
+    eval: Dataset | None
+    form: str
+
+
+def load_splits(cfg, tokenizer) -> Splits:
+    rows = read_jsonl(cfg.data_path)
+    form = detect_format(rows, cfg.dataset, "train.data_path")
+    eval_rows: list[dict] | None = None
+    if cfg.eval_data_path:
+        eval_rows = read_jsonl(cfg.eval_data_path, "train.eval_data_path")
+        detect_format(eval_rows, form, "train.eval_data_path")
+    elif cfg.run_validation and cfg.val_fraction > 0:
+        g = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        n_eval = max(1, int(len(rows) * cfg.val_fraction))
+        eval_rows = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in order[n_eval:]]
+    train = build_dataset(rows, form, tokenizer, cfg.context_length)
+    if len(train) == 0:
+        raise SpecError("train.context_length", f"every example is longer than {cfg.context_length} tokens "
+                                                "before its answer starts; raise context_length")
+    ev = build_dataset(eval_rows, form, tokenizer, cfg.context_length) if eval_rows else None
+    return Splits(train=train, eval=ev, form=form)
+
+
+def make_collate(pad_id: int):
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(ex["input_ids"]) for ex in batch)
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, ex in enumerate(batch):
+            k = len(ex["input_ids"])
+            ids[i, :k] = torch.tensor(ex["input_ids"])
+            labels[i, :k] = torch.tensor(ex["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def make_loader(ds: Dataset, *, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int,
+                pad_id: int, num_workers: int) -> DataLoader:
+    """Each rank reads its own partition, so steps per epoch shrink as ranks grow."""
+    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=make_collate(pad_id),
+                      num_workers=num_workers)

@@ -1,0 +1,96 @@
+"""Render goldens: whole texts compared; rewritten only with --update-goldens."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcft.render import render_sbatch
+from hpcft.spec import load_spec, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml"))
+MULTI_NODE_SOURCE = "the default spec (hpcft submit --dry-run)"
+
+
+def check_golden(path: Path, text: str, update: bool) -> None:
+    if update:
+        path.write_text(text)
+    assert path.exists(), f"{path} missing; create it with: pytest tests/test_render.py --update-goldens"
+    assert text == path.read_text(), f"render differs from {path}; if on purpose, rerun with --update-goldens"
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.stem)
+def test_job_render_matches_golden(job, update_goldens):
+    text = render_sbatch(load_spec(job), source=f"jobs/{job.name}")
+    check_golden(GOLDEN / f"{job.stem}.sbatch", text, update_goldens)
+
+
+def test_multi_node_slurm_is_the_render_of_the_default_spec(update_goldens):
+    text = render_sbatch(load_spec(None), source=MULTI_NODE_SOURCE)
+    check_golden(ROOT / "slurm" / "multi_node.slurm", text, update_goldens)
+
+
+def test_counts_written_once_and_launcher_reads_slurm():
+    text = (ROOT / "slurm" / "multi_node.slurm").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert "--nodes=\"$SLURM_JOB_NUM_NODES\"" in body
+    assert "gpus" not in body.lower() and "nnodes" not in body and "nproc" not in body
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in body
+
+
+def test_gres_and_gpu_type():
+    spec = spec_from_dict({"resources": {"gpus_per_node": "h100:8", "gres": True}})
+    assert "#SBATCH --gres=gpu:h100:8\n" in render_sbatch(spec)
+    spec = spec_from_dict({"resources": {"gpus_per_node": "h100:8"}})
+    assert "#SBATCH --gpus-per-node=h100:8\n" in render_sbatch(spec)
+    spec = spec_from_dict({"resources": {"gpus_per_node": 0}})
+    assert "gpu" not in "".join(line for line in render_sbatch(spec).splitlines() if line.startswith("#SBATCH"))
+
+
+NASTY = ["it's", 'a "b"', "$(touch /tmp/pwned)", "`id`", "x; rm -rf /", "line1\nline2", "tab\there"]
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_user_values_are_quoted(value, tmp_path):
+    spec = spec_from_dict({"env": {"USER_VALUE": value}, "train": {"data_path": value}})
+    script = render_sbatch(spec)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # Run only the export line: the value must arrive unchanged, nothing executed.
+    export = next(line for line in _logical_lines(script) if line.startswith("export USER_VALUE="))
+    out = subprocess.run(["bash", "-c", export + '\nprintf %s "$USER_VALUE"'], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.stdout == value
+    assert not Path("/tmp/pwned").exists()
+
+
+def _logical_lines(script: str):
+    import shlex
+
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        try:
+            shlex.split(buf, comments=True)
+        except ValueError:
+            continue
+        yield buf.rstrip("\n")
+        buf = ""
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.stem)
+def test_rendered_scripts_pass_shellcheck(job):
+    assert shutil.which("shellcheck"), "shellcheck missing: bash envs/setup.sh installs it"
+    text = render_sbatch(load_spec(job), source=job.name)
+    proc = subprocess.run(["shellcheck", "-s", "bash", "-e", "SC1090,SC1091", "-"], input=text, text=True,
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_render_is_pure(monkeypatch):
+    spec = load_spec(ROOT / "jobs/samsum_tiny.yaml")
+    a = render_sbatch(spec)
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    monkeypatch.chdir("/")
+    assert render_sbatch(spec) == a
