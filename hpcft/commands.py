@@ -102,7 +102,10 @@ def status(job_ids: list[str]) -> int:
     for r in rows:
         c = colours.get(r.state.split()[0], "white")
         table.add_row(r.job_id, r.name, f"[{c}]{r.state}[/]", r.elapsed, r.time_limit, r.nodes, r.reason, r.exit_code)
-    console.print(table)
+    if rows:
+        console.print(table)
+    elif not job_ids:
+        console.print("no jobs in the queue (hpcft status JOB_ID shows a finished one)")
     return 0 if rows or not job_ids else 1
 
 

@@ -63,7 +63,9 @@ def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
 
 def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable) -> list[str]:
     """srun that starts one node launcher on every node of the allocation."""
-    argv = ["srun", *SRUN_FLAGS, f"--nodes={slurm.job_num_nodes}"]
+    # --ntasks too: inside a step, srun would otherwise take that step's SLURM_NTASKS (1) from the env.
+    n = slurm.job_num_nodes
+    argv = ["srun", *SRUN_FLAGS, f"--nodes={n}", f"--ntasks={n}"]
     if slurm.cpus_per_task:
         argv.append(f"--cpus-per-task={slurm.cpus_per_task}")
     if slurm.in_step:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def run(cfg: TrainConfig) -> dict:
     if rt.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         (paths.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    print(f"hpcft.train: rank {dist_env.rank}/{dist_env.world_size} on {socket.gethostname()} "
+          f"(local rank {dist_env.local_rank}, device {rt.device})", flush=True)
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
                f"backend {rt.backend}, strategy {cfg.strategy}, run dir {paths.run_dir}")
     torch.manual_seed(cfg.seed)

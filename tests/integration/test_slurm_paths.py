@@ -1,0 +1,126 @@
+"""Every launch path, on the real local Slurm cluster (no mocks): hpcft submit via sbatch and via
+submitit, plain sbatch of slurm/multi_node.slurm, salloc + hpcft launch, and a failing rank."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slurm
+HPCFT = [sys.executable, "-m", "hpcft.cli"]
+TRAIN_FLAGS = ["--max_train_step=8", "--lr=2e-3", "--warmup_steps=2", "--val_batch_size=16"]
+
+
+def write_spec(tmp_path, tiny_model, **over):
+    spec = {
+        "name": "it",
+        "output_dir": str(tmp_path / "runs"),
+        "resources": {"nodes": 2, "gpus_per_node": 2, "cpus_per_task": 2, "time": "00:10:00"},
+        "train": {"model_name": str(tiny_model), "data_path": str(ROOT / "data/samsum_tiny.jsonl"),
+                  "max_train_step": 8, "lr": 2e-3, "warmup_steps": 2, "val_batch_size": 16},
+    }
+    spec.update(over)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, **kw)
+
+
+def job_state(job_id):
+    out = run(["scontrol", "-o", "show", "job", job_id]).stdout
+    return next(w.split("=", 1)[1] for w in out.split() if w.startswith("JobState="))
+
+
+def check_run(run_dir: Path, ranks: int, hosts=("node1", "node2")):
+    logs = sorted(run_dir.glob("rank-*.log"))
+    assert [p.name for p in logs] == [f"rank-{r:03d}.log" for r in range(ranks)]
+    exits = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank-*.exit.json"))]
+    assert [e["returncode"] for e in exits] == [0] * ranks
+    assert {e["host"] for e in exits} == set(hosts)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == ranks
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert model.config.model_type == "llama"
+    return summary
+
+
+def submitted_job_id(stdout: str) -> str:
+    return next(line.split()[1] for line in stdout.splitlines() if line.strip().startswith("job "))
+
+
+def test_submit_sbatch_2_nodes_x_2(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model)
+    proc = run([*HPCFT, "submit", "--nodes", "2", "--gpus-per-node", "2", str(spec), "--wait"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = submitted_job_id(proc.stdout)
+    assert job_state(job_id) == "COMPLETED"
+    check_run(tmp_path / "runs" / "it" / job_id, 4)
+    assert (tmp_path / "runs" / f"slurm-{job_id}.out").read_text().count("hpcft.launch: node") == 2
+    logs = run([*HPCFT, "logs", job_id, "--output-dir", str(tmp_path / "runs")])
+    assert logs.returncode == 0 and "[rank 003]" in logs.stdout and "no failed rank" in logs.stdout
+
+
+def test_submit_submitit_backend(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model, name="it-submitit")
+    proc = run([*HPCFT, "submit", "--backend", "submitit", str(spec), "--wait"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = submitted_job_id(proc.stdout)
+    check_run(tmp_path / "runs" / "it-submitit" / job_id, 4)
+
+
+def test_sbatch_checked_in_multi_node_script(cluster, tiny_model, tmp_path):
+    (tmp_path / "runs").mkdir()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("HPCFT_PYTHON", None)
+    proc = run(["sbatch", "--parsable", "--wait", "--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2",
+                str(ROOT / "slurm/multi_node.slurm"), f"--model_name={tiny_model}",
+                f"--data_path={ROOT / 'data/samsum_tiny.jsonl'}", *TRAIN_FLAGS], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    check_run(tmp_path / "runs" / "hpcft" / job_id, 4)
+
+
+@pytest.mark.parametrize("inside_step", [False, True], ids=["salloc", "srun-shell"])
+def test_salloc_then_hpcft_launch(cluster, tiny_model, tmp_path, inside_step):
+    step = ["srun", "--nodes=1", "--ntasks=1"] if inside_step else []
+    proc = run(["salloc", "--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2", *step,
+                *HPCFT, "launch", "--output-dir", str(tmp_path / "runs"), "--",
+                "-m", "hpcft.train", f"--model_name={tiny_model}", f"--data_path={ROOT / 'data/samsum_tiny.jsonl'}",
+                *TRAIN_FLAGS], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "interactive").iterdir()
+    check_run(run_dir, 4)
+
+
+def test_submit_2_nodes_x_4_gives_8_ranks(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model)
+    proc = run([*HPCFT, "submit", "--nodes", "2", "--gpus-per-node", "4", str(spec), "--wait"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = check_run(tmp_path / "runs" / "it" / submitted_job_id(proc.stdout), 8)
+    # 400 examples, 40 held out for eval: 360 / 8 ranks = 45 each, batch 4 -> 12 steps per epoch
+    assert summary["steps_per_epoch"] == math.ceil(math.ceil(360 / 8) / 4) == 12
+
+
+def test_failing_rank_fails_the_job_and_is_named(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model, name="it-fail")
+    code = ("import os, sys, time\nr = int(os.environ['RANK'])\nif r == 1:\n    raise ValueError('boom on rank 1')\n"
+            "time.sleep(120)")
+    proc = run([*HPCFT, "submit", str(spec), "--wait", "--", "-c", code], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job_id = submitted_job_id(proc.stdout)
+    assert job_state(job_id) == "FAILED"
+    logs = run([*HPCFT, "logs", job_id, "--output-dir", str(tmp_path / "runs")])
+    assert logs.returncode == 1
+    assert "first failure: rank 1 on node1 (exit code 1)" in logs.stderr
+    assert "ValueError: boom on rank 1" in logs.stderr

@@ -1,0 +1,108 @@
+import pytest
+
+from hpcft.distenv import collect_dist_env, collect_slurm_env, plan_rendezvous, rdzv_port_for
+from hpcft.hostlist import expand_hostlist
+from hpcft.launch import rank_threads, srun_argv, torchrun_argv
+
+
+@pytest.mark.parametrize("expr, hosts", [
+    ("node1", ["node1"]),
+    ("node[1-3]", ["node1", "node2", "node3"]),
+    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+    ("a[1-2],b5,c[009-010]", ["a1", "a2", "b5", "c009", "c010"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("login-1.cluster", ["login-1.cluster"]),
+])
+def test_expand_hostlist(expr, hosts):
+    assert expand_hostlist(expr) == hosts
+
+
+def test_unbalanced_hostlist():
+    with pytest.raises(ValueError):
+        expand_hostlist("node[1-2")
+
+
+BATCH = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2",
+         "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "8"}
+STEP = {**BATCH, "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_STEP_NUM_NODES": "2",
+        "SLURM_NODEID": "1", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+
+
+def test_node_launcher_in_step_on_cpu_uses_granted_gpus_as_ranks():
+    s = collect_slurm_env(STEP)
+    r = plan_rendezvous(s, cuda_devices=0)
+    assert (r.host, r.nnodes, r.node_rank, r.nproc_per_node) == ("node1", 2, 1, 4)
+    assert r.port == rdzv_port_for("4242") and r.endpoint == f"node1:{r.port}"
+
+
+def test_cuda_count_wins_over_slurm_count():
+    assert plan_rendezvous(collect_slurm_env(STEP), cuda_devices=8).nproc_per_node == 8
+
+
+@pytest.mark.parametrize("env, count", [
+    ({"SLURM_GPUS_ON_NODE": "2"}, 2),
+    ({"SLURM_STEP_GPUS": "0,1,2"}, 3),
+    ({"SLURM_GPUS_PER_NODE": "a100:4"}, 4),
+    ({}, 1),
+])
+def test_gpu_count_sources(env, count):
+    base = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"}
+    assert plan_rendezvous(collect_slurm_env({**base, **env}), cuda_devices=0).nproc_per_node == count
+
+
+def test_port_from_job_id_is_stable_and_in_range():
+    ports = {rdzv_port_for(str(j)) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(20000 <= p < 40000 for p in ports)
+    assert rdzv_port_for("123_4") == rdzv_port_for("123_4")
+
+
+def test_explicit_port():
+    assert plan_rendezvous(collect_slurm_env(STEP), cuda_devices=0, port=31000).port == 31000
+
+
+def test_not_in_allocation():
+    with pytest.raises(RuntimeError, match="not inside a Slurm allocation"):
+        plan_rendezvous(collect_slurm_env({}), cuda_devices=0)
+
+
+def test_batch_script_is_not_a_step():
+    assert not collect_slurm_env(BATCH).in_step
+    assert collect_slurm_env(STEP).in_step
+
+
+def test_outer_srun_overlaps_only_inside_a_step():
+    inner = ["-m", "hpcft.train"]
+    assert "--overlap" not in srun_argv(collect_slurm_env(BATCH), inner)
+    argv = srun_argv(collect_slurm_env({**STEP, "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NODELIST": "node1"}), inner)
+    assert "--overlap" in argv and "--nodes=2" in argv and "--kill-on-bad-exit=1" in argv
+    assert argv[-3:] == ["--", "-m", "hpcft.train"]
+
+
+def test_torchrun_argv():
+    r = plan_rendezvous(collect_slurm_env(STEP), cuda_devices=0)
+    argv = torchrun_argv(r, ["-m", "hpcft.train", "--lr=1"], python="py")
+    assert argv[:3] == ["py", "-m", "torch.distributed.run"]
+    assert ["--rdzv-backend", "c10d"] == argv[argv.index("--rdzv-backend"):argv.index("--rdzv-backend") + 2]
+    assert argv[-5:] == ["-m", "hpcft.rankrun", "-m", "hpcft.train", "--lr=1"]
+
+
+def test_rank_threads_share_task_cpus():
+    s = collect_slurm_env(STEP)
+    assert rank_threads(s, 4) == 2 and rank_threads(s, 16) == 1
+
+
+def test_dist_env_from_torchrun():
+    d = collect_dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                          "GROUP_RANK": "0", "MASTER_ADDR": "node1", "MASTER_PORT": "1234"})
+    assert (d.rank, d.world_size, d.local_rank, d.launcher, d.master_port) == (3, 8, 1, "torchrun", 1234)
+
+
+def test_dist_env_from_srun_one_task_per_rank():
+    d = collect_dist_env({**STEP, "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"})
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.launcher) == (5, 8, 1, 4, "srun")
+    assert d.master_addr == "node1"
+
+
+def test_dist_env_single():
+    d = collect_dist_env({})
+    assert (d.rank, d.world_size, d.launcher, d.distributed) == (0, 1, "single", False)

@@ -1,0 +1,50 @@
+"""The shared entrypoint without Slurm: as one plain python process and under torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(tmp_path, tiny_model, *prefix, extra=()):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, HPCFT_RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
+    argv = [*prefix, "-m", "hpcft.train", f"--model_name={tiny_model}", "--max_train_step=12", "--lr=2e-3",
+            "--warmup_steps=2", "--val_batch_size=16", *extra]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), proc
+
+
+def test_single_process_trains_saves_and_reloads(tmp_path, tiny_model):
+    run_dir, summary, proc = run_train(tmp_path, tiny_model, sys.executable)
+    assert summary["world_size"] == 1 and summary["steps"] == 12
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == list(range(1, 13))
+    assert all(x["tokens_per_s"] > 0 and x["lr"] > 0 for x in lines if "loss" in x)
+    assert "ETA" in proc.stdout
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert sum(p.numel() for p in model.parameters()) > 100_000 and tok.eos_token_id is not None
+
+
+def test_torchrun_two_ranks_halve_steps_per_epoch(tmp_path, tiny_model):
+    _, one, _ = run_train(tmp_path / "a", tiny_model, sys.executable, extra=["--max_train_step=2"])
+    _, two, _ = run_train(tmp_path / "b", tiny_model, sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", extra=["--max_train_step=2"])
+    assert two["world_size"] == 2 and two["backend"] == "gloo"
+    assert two["steps_per_epoch"] == (one["steps_per_epoch"] + 1) // 2
+
+
+def test_bad_flag_is_one_line_exit_2(tiny_model):
+    proc = subprocess.run([sys.executable, "-m", "hpcft.train", "--lr=fast"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "hpcft.train: error: train.lr: must be a number (got 'fast')"
