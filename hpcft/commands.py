@@ -12,8 +12,9 @@ from hpcft import jobs
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths, find_run_dir
 
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped or in a batch log, rich would squeeze tables to 80 columns and cut job states short.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 def submit(spec_path: str | None, overrides: list[str], command: list[str], *, dry_run: bool, wait: bool) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from hpcft.distenv import Rendezvous, SlurmEnv, collect_slurm_env, plan_rendezvous
+from hpcft.errors import SpecError
 from hpcft.paths import RUN_DIR_ENV, RunPaths
 
 SRUN_FLAGS = ("--kill-on-bad-exit=1", "--ntasks-per-node=1")
@@ -80,8 +81,8 @@ def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: 
     base = dict(os.environ if env is None else env)
     slurm = collect_slurm_env(base)
     if not slurm.in_job:
-        raise SystemExit("hpcft launch: not inside a Slurm allocation; start one with "
-                         "salloc --nodes=2 --gpus-per-node=4, or use hpcft submit")
+        raise SpecError("SLURM_JOB_ID", "unset: not inside a Slurm allocation; start one with "
+                                        "salloc --nodes=2 --gpus-per-node=4, or use hpcft submit")
     if RUN_DIR_ENV not in base:
         base[RUN_DIR_ENV] = str(RunPaths.for_job(Path(output_dir).resolve(), name, slurm.job_id or "0").run_dir)
     Path(base[RUN_DIR_ENV]).mkdir(parents=True, exist_ok=True)

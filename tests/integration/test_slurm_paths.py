@@ -124,3 +124,26 @@ def test_failing_rank_fails_the_job_and_is_named(cluster, tiny_model, tmp_path):
     assert logs.returncode == 1
     assert "first failure: rank 1 on node1 (exit code 1)" in logs.stderr
     assert "ValueError: boom on rank 1" in logs.stderr
+
+
+def test_slurm_refusal_is_exit_2_and_leaves_nothing(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model)
+    proc = run([*HPCFT, "submit", "--gpus-per-node", "5", str(spec)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "sbatch refused the job" in proc.stderr and "configuration is not available" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_and_cancel(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model, name="it-cancel")
+    proc = run([*HPCFT, "submit", str(spec), "--", "-c", "import time; time.sleep(600)"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    job_id = submitted_job_id(proc.stdout)
+    status = run([*HPCFT, "status", job_id])
+    assert status.returncode == 0 and job_id in status.stdout
+    assert "RUNNING" in status.stdout or "PENDING" in status.stdout
+    assert run([*HPCFT, "cancel", job_id]).returncode == 0
+    from hpcft.jobs import wait_for
+
+    assert wait_for(job_id, poll_s=0.5, timeout_s=60).state == "CANCELLED"
+    assert "CANCELLED" in run([*HPCFT, "status", job_id]).stdout

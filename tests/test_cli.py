@@ -1,0 +1,66 @@
+"""The CLI as users run it, without a cluster: bad input is one line, exit 2, nothing written."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HPCFT = [sys.executable, "-m", "hpcft.cli"]
+
+
+def hpcft(*args, cwd, env=None):
+    return subprocess.run([*HPCFT, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_dry_run_prints_the_script_with_overrides(tmp_path):
+    proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/samsum_tiny.yaml"), "--nodes", "3", "train.lr=3e-4",
+                 cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!/bin/bash\n")
+    assert "#SBATCH --nodes=3\n" in proc.stdout and "--lr=0.0003" in proc.stdout
+    # Relative paths of the spec are resolved against the submit directory.
+    assert f"--model_name={tmp_path}/artifacts/tiny-llama" in proc.stdout.replace(" \\\n  ", " ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_user_command_after_double_dash(tmp_path):
+    proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/samsum_tiny.yaml"), "--", "my_train.py", "--my-arg", "a b",
+                 cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "-m hpcft.launch --node -- my_train.py --my-arg 'a b' \"$@\"" in proc.stdout.replace(" \\\n  ", " ")
+
+
+def test_missing_model_fails_before_submission(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "train": {"model_name": "no/such/model"}}))
+    env = dict(os.environ, PATH="/nonexistent")  # even sbatch being absent is never reached
+    proc = hpcft("submit", str(spec), cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "train.model_name: no model directory" in proc.stderr
+    assert "hpcft make-tiny-model" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_field_one_line_exit_2(tmp_path):
+    proc = hpcft("submit", str(ROOT / "jobs/samsum_tiny.yaml"), "--gpus-per-node", "many", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "hpcft: error: resources.gpus_per_node: must be an integer (got 'many')\n"
+
+
+def test_launch_outside_allocation(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = hpcft("launch", "--", "-m", "hpcft.train", cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "not inside a Slurm allocation" in proc.stderr
+
+
+def test_logs_of_unknown_run(tmp_path):
+    proc = hpcft("logs", "12345", "--output-dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "no run directory" in proc.stderr
+
+
+def test_make_tiny_model_bad_shape(tmp_path):
+    proc = hpcft("make-tiny-model", str(tmp_path / "m"), "--hidden-size", "130", cwd=tmp_path)
+    assert proc.returncode == 2 and "--hidden-size" in proc.stderr
+    assert not (tmp_path / "m").exists()
