@@ -10,7 +10,9 @@ import sys
 
 from hpcft.errors import SpecError
 from hpcft.spec import build_dataclass
-from hpcft.train.config import TrainConfig
+from hpcft.train.config import TrainConfig, field_types
+
+TUPLE_FIELDS = {name for name, tp in field_types().items() if str(tp).startswith("tuple")}
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
@@ -27,7 +29,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
             value = next(it, None)
             if value is None:
                 raise SpecError(f"train.{name}", "needs a value")
-        values[name.replace("-", "_")] = None if value == "none" else value
+        key = name.replace("-", "_")
+        if key in TUPLE_FIELDS and value is not None:
+            value = [v for v in value.split(",") if v]
+        values[key] = None if value == "none" else value
     return build_dataclass(TrainConfig, values, "train")
 
 

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 from hpcft.errors import SpecError
 
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16")
+BATCHING = ("padding", "packing")
+MODEL_TYPES = ("auto", "causal", "seq2seq")
 DATASETS = ("auto", "samsum", "alpaca")
 SCHEDULERS = ("cosine", "linear", "constant")
 
@@ -27,7 +31,24 @@ class TrainConfig:
     eval_data_path: str | None = None  # local JSONL for evaluation; default: hold out val_fraction
     val_fraction: float = 0.1  # share of data_path held out for eval when eval_data_path is unset
     context_length: int = 256  # tokens per example; longer examples are truncated
-    strategy: str = "ddp"  # parallelism: ddp
+    model_type: str = "auto"  # causal (decoder-only) or seq2seq (BART-style); auto reads the model config
+    strategy: str = "ddp"  # parallelism: ddp, fsdp, zero1, zero2, zero3 (DeepSpeed)
+    sharding_strategy: str = "FULL_SHARD"  # fsdp: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD
+    low_cpu_fsdp: bool = False  # fsdp: rank 0 reads the weights, the others start empty and get them by broadcast
+    deepspeed_config: str | None = None  # zero*: a DeepSpeed JSON; default hpcft/configs/ds_zero<N>.json
+    offload_optimizer: bool = False  # zero*: keep optimizer state in CPU memory (DeepSpeedCPUAdam)
+    offload_params: bool = False  # zero3: keep parameters in CPU memory
+    use_peft: bool = False  # LoRA adapters through peft; only adapter weights train
+    peft_method: str = "lora"  # lora
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.05  # dropout on the LoRA path
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # module names that get adapters
+    quantization: str | None = None  # 4bit (QLoRA) or 8bit: needs CUDA and bitsandbytes
+    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling), pure_bf16 (weights in bf16)
+    activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (use_fast_kernels in llama-recipes)
+    batching_strategy: str = "padding"  # padding (one example per row) or packing (concatenate to context_length)
     batch_size_training: int = 4  # micro-batch per rank
     val_batch_size: int = 8  # eval batch per rank
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -45,7 +66,15 @@ class TrainConfig:
     run_validation: bool = True  # eval loss before and after training
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     num_workers_dataloader: int = 0  # DataLoader worker processes per rank
-    save_model: bool = True  # save the final model (HF format) in the run directory
+    save_model: bool = True  # save the final model (HF format, or the PEFT adapter) in the run directory
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of the run)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept per run
+    resume: str = "auto"  # auto: this run's newest complete checkpoint (requeue); latest: any run of this job name; never; or a path
+    max_steps_this_run: int = 0  # stop (with a checkpoint) after this many steps of this run; the schedule is unchanged
+    peak_tflops: float | None = None  # per-rank peak for MFU; default: known GPU by name, or measured on CPU
+    use_profiler: bool = False  # torch profiler trace of a few steps into <run>/profiler/
+    tensorboard: bool = False  # TensorBoard scalars into <run>/tensorboard/
+    plot: bool = True  # PNG of loss and throughput at the end of the run
     timeout_s: int = 600  # collective timeout; a dead peer fails the job after this long
 
     def validate(self) -> None:
@@ -58,13 +87,43 @@ class TrainConfig:
             bad("strategy", f"must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
         if self.dataset not in DATASETS:
             bad("dataset", f"must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
+        for name, allowed in (("sharding_strategy", SHARDING), ("precision", PRECISIONS),
+                              ("batching_strategy", BATCHING), ("model_type", MODEL_TYPES),
+                              ("attn_implementation", ("sdpa", "eager", "flash_attention_2")),
+                              ("peft_method", ("lora",))):
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.quantization not in (None, "4bit", "8bit"):
+            bad("quantization", f"must be 4bit or 8bit (got {self.quantization!r})")
+        if self.quantization and not self.use_peft:
+            bad("quantization", "quantized weights cannot be trained directly; set use_peft: true (QLoRA)")
+        if self.quantization and self.strategy != "ddp":
+            bad("quantization", f"quantized (QLoRA/int8) training runs with strategy ddp only (got {self.strategy})")
+        if self.low_cpu_fsdp and self.strategy != "fsdp":
+            bad("low_cpu_fsdp", f"applies to strategy fsdp only (got {self.strategy})")
+        if self.offload_params and self.strategy != "zero3":
+            bad("offload_params", f"parameter offload needs strategy zero3 (got {self.strategy})")
+        if self.offload_optimizer and not self.strategy.startswith("zero"):
+            bad("offload_optimizer", f"optimizer offload needs a zero strategy (got {self.strategy})")
+        if self.deepspeed_config and not self.strategy.startswith("zero"):
+            bad("deepspeed_config", f"is only read by the zero strategies (got {self.strategy})")
+        if self.use_peft and not self.lora_target_modules:
+            bad("lora_target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+        if not self.resume:
+            bad("resume", "use auto, latest, never, or a checkpoint directory")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            bad("peak_tflops", f"must be > 0 (got {self.peak_tflops})")
         if self.lr_scheduler not in SCHEDULERS:
             bad("lr_scheduler", f"must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r})")
         for name in ("context_length", "batch_size_training", "val_batch_size", "gradient_accumulation_steps",
                      "num_epochs", "log_every", "timeout_s"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_train_step", "max_eval_step", "warmup_steps", "num_workers_dataloader"):
+        for name in ("lora_r", "lora_alpha", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_train_step", "max_eval_step", "warmup_steps", "num_workers_dataloader", "save_every",
+                     "max_steps_this_run"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0 (got {getattr(self, name)})")
         if not self.lr > 0:
@@ -93,6 +152,8 @@ class TrainConfig:
 def _format(value: object) -> str:
     if value is None:
         return "none"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

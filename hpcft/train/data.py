@@ -85,12 +85,36 @@ def tokenize_example(tokenizer, prompt: str, target: str, context_length: int) -
     return {"input_ids": ids, "labels": labels}
 
 
-def build_dataset(rows: list[dict], fmt: str, tokenizer, context_length: int) -> Dataset:
+def tokenize_seq2seq(tokenizer, prompt: str, target: str, context_length: int) -> dict:
+    """Encoder reads the prompt, decoder learns the target: nothing to mask."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = (bos + tokenizer.encode(prompt, add_special_tokens=False) + eos)[:context_length]
+    labels = (tokenizer.encode(target, add_special_tokens=False) + eos)[:context_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_dataset(rows: list[dict], fmt: str, tokenizer, context_length: int, *, seq2seq: bool = False) -> Dataset:
     ds = Dataset.from_list([{"prompt": a, "target": b} for a, b in (prompt_and_target(r, fmt) for r in rows)])
-    ds = ds.map(lambda ex: tokenize_example(tokenizer, ex["prompt"], ex["target"], context_length),
+    tok = tokenize_seq2seq if seq2seq else tokenize_example
+    ds = ds.map(lambda ex: tok(tokenizer, ex["prompt"], ex["target"], context_length),
                 remove_columns=["prompt", "target"], keep_in_memory=True)
     # An example whose summary was cut off entirely teaches nothing: drop it.
     return ds.filter(lambda ex: any(x != IGNORE_INDEX for x in ex["labels"]), keep_in_memory=True)
+
+
+def pack(ds: Dataset, context_length: int) -> Dataset:
+    """Concatenate examples (prompt masks kept) and cut into rows of exactly context_length tokens,
+    as llama-recipes' packing does: no padding, so every token computed is a real one."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in ds:
+        ids.extend(ex["input_ids"])
+        labels.extend(ex["labels"])
+    n = len(ids) // context_length
+    rows = [{"input_ids": ids[i * context_length:(i + 1) * context_length],
+             "labels": labels[i * context_length:(i + 1) * context_length]} for i in range(n)]
+    return Dataset.from_list(rows)
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,7 @@ class Splits:
     form: str
 
 
-def load_splits(cfg, tokenizer) -> Splits:
+def load_splits(cfg, tokenizer, *, seq2seq: bool = False) -> Splits:
     rows = read_jsonl(cfg.data_path)
     form = detect_format(rows, cfg.dataset, "train.data_path")
     eval_rows: list[dict] | None = None
@@ -113,33 +137,56 @@ def load_splits(cfg, tokenizer) -> Splits:
         n_eval = max(1, int(len(rows) * cfg.val_fraction))
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]]
-    train = build_dataset(rows, form, tokenizer, cfg.context_length)
+    if seq2seq and cfg.batching_strategy == "packing":
+        raise SpecError("train.batching_strategy", "packing is for decoder-only models; use padding with seq2seq")
+    train = build_dataset(rows, form, tokenizer, cfg.context_length, seq2seq=seq2seq)
     if len(train) == 0:
         raise SpecError("train.context_length", f"every example is longer than {cfg.context_length} tokens "
                                                 "before its answer starts; raise context_length")
-    ev = build_dataset(eval_rows, form, tokenizer, cfg.context_length) if eval_rows else None
+    ev = build_dataset(eval_rows, form, tokenizer, cfg.context_length, seq2seq=seq2seq) if eval_rows else None
+    if cfg.batching_strategy == "packing":
+        train = pack(train, cfg.context_length)
+        if len(train) == 0:
+            raise SpecError("train.context_length", f"the data holds fewer than {cfg.context_length} tokens; "
+                                                    "lower context_length or use batching_strategy: padding")
     return Splits(train=train, eval=ev, form=form)
 
 
 def make_collate(pad_id: int):
+    """Pad input_ids (pad id) and labels (ignored) each to their longest in the batch; for decoder-only
+    data both have the same length, for seq2seq the labels are the decoder side."""
+
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(ex["input_ids"]) for ex in batch)
+        m = max(len(ex["labels"]) for ex in batch)
         ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(batch), m), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)
         for i, ex in enumerate(batch):
             k = len(ex["input_ids"])
             ids[i, :k] = torch.tensor(ex["input_ids"])
-            labels[i, :k] = torch.tensor(ex["labels"])
+            labels[i, :len(ex["labels"])] = torch.tensor(ex["labels"])
             mask[i, :k] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way through (resume at the exact batch)."""
+
+    skip = 0  # samples of this rank's partition to skip in the current epoch
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 def make_loader(ds: Dataset, *, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int,
                 pad_id: int, num_workers: int) -> DataLoader:
     """Each rank reads its own partition, so steps per epoch shrink as ranks grow."""
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=make_collate(pad_id),
                       num_workers=num_workers)

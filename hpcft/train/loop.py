@@ -1,120 +1,145 @@
-"""The training loop: gradient accumulation, clipping, warmup + decay, eval loss, metrics."""
+"""The training loop: micro-batches, accumulation boundaries, exact mid-epoch resume, periodic
+checkpoints, metrics (loss, lr, grad norm, tokens/s, useful tokens/s, MFU). The strategy lives in
+the Engine; this loop does not branch on it."""
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from torch import nn
 
+from hpcft.train.checkpoint import TrainerState
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime, all_reduce_sum
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay
-from hpcft.train.parallel import clip_grad_norm, no_sync
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_scheduler == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
-
-    return f
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-    return opt, sched
 
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def predicted_tokens(labels: torch.Tensor, *, seq2seq: bool) -> int:
+    """Tokens the loss is taken over: decoder-only models shift labels by one."""
+    return int((labels != -100).sum()) if seq2seq else int((labels[:, 1:] != -100).sum())
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, rt: Runtime, max_steps: int = 0) -> float:
+def evaluate(engine, loader, rt: Runtime, *, max_steps: int = 0, seq2seq: bool = False) -> float:
     """Mean loss per predicted token over the whole eval set, all ranks together."""
-    model.eval()
+    engine.model.eval()
     loss_sum, tokens = 0.0, 0.0
     for i, batch in enumerate(loader):
         if max_steps and i >= max_steps:
             break
-        batch = _to(batch, rt.device)
-        n = float((batch["labels"][:, 1:] != -100).sum())
-        loss_sum += float(model(**batch).loss) * n
+        n = predicted_tokens(batch["labels"], seq2seq=seq2seq)
+        with engine.autocast():
+            loss = engine.model(**_to(batch, rt.device)).loss
+        loss_sum += float(loss) * n
         tokens += n
-    model.train()
+    engine.model.train()
     loss_sum, tokens = all_reduce_sum(rt, [loss_sum, tokens])
     return loss_sum / max(tokens, 1.0)
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    last_loss: float
-    tokens: int
-    seconds: float
-
-
 def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    steps_per_epoch = -(-batches_per_epoch // cfg.gradient_accumulation_steps)
     total = steps_per_epoch * cfg.num_epochs
     if cfg.max_train_step:
         total = min(total, cfg.max_train_step)
     return steps_per_epoch, total
 
 
-def train(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int,
-          metrics: MetricsWriter, progress: ProgressDisplay) -> TrainResult:
-    opt, sched = build_optimizer(model, cfg, total_steps)
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done, counting those before a resume
+    steps_this_run: int
+    last_loss: float
+    tokens: int  # tokens processed in this run, all ranks
+    seconds: float
+    mfu: float | None
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    n_params: int
+    n_layers: int
+    hidden: int
+    peak_per_rank: float  # FLOP/s
+
+    def batch_flops(self, tokens: int, seq_len: int) -> float:
+        return tokens * (6.0 * self.n_params + 12.0 * self.n_layers * self.hidden * seq_len)
+
+
+def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, state: TrainerState,
+          metrics: MetricsWriter, progress: ProgressDisplay, flops: FlopsModel,
+          save: Callable[[TrainerState], None], profiler=None) -> TrainResult:
     accum = cfg.gradient_accumulation_steps
-    clip = cfg.gradient_clipping_threshold if cfg.gradient_clipping else None
-    step, last_loss, tokens_total = 0, float("nan"), 0
+    stop_at = min(total_steps, state.step + cfg.max_steps_this_run) if cfg.max_steps_this_run else total_steps
+    first_step, last_loss, tokens_total, mfu = state.step, float("nan"), 0, None
     t_start = t_window = time.perf_counter()
-    window_tokens = window_useful = 0.0
-    model.train()
-    for epoch in range(cfg.num_epochs):
-        loader.sampler.set_epoch(epoch)
-        n_batches = len(loader)
-        micro_loss = 0.0
+    window = _new_window(rt)
+    engine.model.train()
+    sampler = loader.sampler
+    for epoch in range(state.epoch, cfg.num_epochs):
+        if state.step >= stop_at:
+            break
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        sampler.set_epoch(epoch)
+        sampler.skip = skip * cfg.batch_size_training
+        n_total = skip + len(loader)
         for i, batch in enumerate(loader):
-            ends_step = (i + 1) % accum == 0 or i + 1 == n_batches
-            batch = _to(batch, rt.device)
-            with no_sync(model, skip=not ends_step):
-                loss = model(**batch).loss / accum
-                loss.backward()
-            micro_loss += float(loss.detach())
-            window_tokens += float(batch["attention_mask"].sum())
-            window_useful += float((batch["labels"] != -100).sum())
-            if not ends_step:
+            g = skip + i
+            boundary = (g + 1) % accum == 0 or g + 1 == n_total
+            tokens = int(batch["attention_mask"].sum())
+            window["tokens"] += tokens
+            window["useful"] += int((batch["labels"] != -100).sum())
+            window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
+            with engine.autocast():
+                loss = engine.model(**_to(batch, rt.device)).loss
+            engine.backward(loss, boundary=boundary)
+            window["loss"] += loss.detach().float() / accum
+            if not boundary:
                 continue
-            grad_norm = clip_grad_norm(model, clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss_sum, tok, useful = all_reduce_sum(rt, [micro_loss, window_tokens, window_useful])
+            grad_norm = engine.step()
+            window["steps"] += 1
+            state.step += 1
+            state.epoch, state.batches_in_epoch = (epoch + 1, 0) if g + 1 == n_total else (epoch, g + 1)
+            if profiler is not None:
+                profiler.step()
+            if state.step % cfg.log_every == 0 or state.step == stop_at:
+                loss_sum, tok, useful, fl = all_reduce_sum(
+                    rt, [float(window["loss"]), window["tokens"], window["useful"], window["flops"]])
                 now = time.perf_counter()
                 dt = max(now - t_window, 1e-9)
-                last_loss = loss_sum / rt.env.world_size
+                last_loss = loss_sum / rt.env.world_size / window["steps"]
                 tokens_total += int(tok)
-                lr = sched.get_last_lr()[0]
-                metrics.write(step=step, epoch=epoch, loss=round(last_loss, 6), lr=lr, grad_norm=round(grad_norm, 6),
-                              tokens_per_s=round(tok / dt, 1), useful_tokens_per_s=round(useful / dt, 1))
-                progress.update(step, f"loss {last_loss:.4f} | lr {lr:.2e} | {tok / dt:,.0f} tok/s")
-                t_window, window_tokens, window_useful = now, 0.0, 0.0
-            micro_loss = 0.0
-            if step >= total_steps:
-                return TrainResult(step, last_loss, tokens_total, time.perf_counter() - t_start)
-    return TrainResult(step, last_loss, tokens_total, time.perf_counter() - t_start)
+                mfu = fl / rt.env.world_size / dt / flops.peak_per_rank
+                lr = engine.lr()
+                metrics.write(step=state.step, epoch=epoch, loss=round(last_loss, 6), lr=lr,
+                              grad_norm=round(grad_norm, 6), tokens_per_s=round(tok / dt, 1),
+                              useful_tokens_per_s=round(useful / dt, 1), mfu=round(mfu, 5))
+                progress.update(state.step, f"loss {last_loss:.4f} | lr {lr:.2e} | {tok / dt:,.0f} tok/s | MFU {mfu:.1%}")
+                t_window = now
+                window = _new_window(rt)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < stop_at:
+                save(state)
+            if state.step >= stop_at:
+                break
+    return TrainResult(state.step, state.step - first_step, last_loss, tokens_total,
+                       time.perf_counter() - t_start, mfu)
+
+
+def _new_window(rt: Runtime) -> dict:
+    return {"loss": torch.zeros((), device=rt.device), "steps": 0, "tokens": 0, "useful": 0, "flops": 0.0}
+
+
+def profiler_context(enabled: bool, out_dir, rank: int):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(out_dir), worker_name=f"rank{rank}"))

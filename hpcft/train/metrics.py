@@ -11,31 +11,75 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; does nothing on ranks other than 0."""
+    """Appends one JSON object per line (and, optionally, TensorBoard scalars); rank 0 only."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
         self.enabled = enabled
         self._f = None
+        self._tb = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = path.open("a", encoding="utf-8")
+            if tensorboard_dir is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, **record: object) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-            self._f.flush()
+        if self._f is None:
+            return
+        self._f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self._f.flush()
+        if self._tb is not None and isinstance(record.get("step"), int):
+            prefix = "eval/" if record.get("event") == "eval" else "train/"
+            for key, value in record.items():
+                if key not in ("step", "event", "epoch") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(prefix + key, value, record["step"])
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_metrics(metrics: Path, out: Path) -> Path | None:
+    """loss (train and eval) and tokens/s against step, as a PNG next to the metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    if not train:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o--", label="eval loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], label="tokens/s")
+    ax2.plot([r["step"] for r in train], [r["useful_tokens_per_s"] for r in train], label="useful tokens/s")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("tokens/s (all ranks)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 class ProgressDisplay:
     """A rich progress bar with ETA in a terminal; in a batch log, one plain line per logged step."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, start: int = 0):
         self.enabled = enabled
         self.total = total
+        self.first = start
         self.start = time.monotonic()
         self.interactive = enabled and sys.stdout.isatty()
         self.console = Console(highlight=False, soft_wrap=True)
@@ -44,7 +88,7 @@ class ProgressDisplay:
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
-            self._task = self._progress.add_task("train", total=total, info="")
+            self._task = self._progress.add_task("train", total=total, completed=start, info="")
             self._progress.start()
 
     def update(self, step: int, info: str) -> None:
@@ -54,7 +98,7 @@ class ProgressDisplay:
             self._progress.update(self._task, completed=step, info=info)
             return
         elapsed = time.monotonic() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
+        eta = elapsed / max(step - self.first, 1) * (self.total - step)
         self.console.print(f"step {step}/{self.total} | {info} | elapsed {_hms(elapsed)} | ETA {_hms(eta)}")
 
     def log(self, text: str) -> None:

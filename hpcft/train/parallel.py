@@ -1,43 +1,158 @@
-"""apply_* functions: model in, wrapped model out. The loop does not branch on the strategy."""
+"""apply_* functions: a bare (or LoRA) model in, an Engine out. Side by side, one per strategy.
+
+    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=100, blocks=block_classes(model))
+"""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, ContextManager
+import json
+from importlib import resources
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from hpcft.errors import SpecError
+from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
+from hpcft.train.engine import TorchEngine, ZeroEngine
+from hpcft.train.optim import build_optimizer, lr_lambda
+from hpcft.train.precision import resolve_precision
 
 
-def apply_ddp(model: nn.Module, *, rt: Runtime) -> nn.Module:
+def _torch_engine(model: nn.Module, hf_model: nn.Module, cfg: TrainConfig, rt: Runtime, total_steps: int):
+    opt, sched = build_optimizer(model, cfg, total_steps)
+    return TorchEngine(model, hf_model, opt, sched, accum=cfg.gradient_accumulation_steps,
+                       clip=cfg.gradient_clipping_threshold if cfg.gradient_clipping else None,
+                       precision=resolve_precision(cfg.precision), device=rt.device, peft=cfg.use_peft)
+
+
+def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, **_):
+    from torch.nn.parallel import DistributedDataParallel
+
     model = model.to(rt.device)
-    if not rt.env.distributed:
-        return model
-    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = model
+    if rt.env.distributed:
+        wrapped = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return _torch_engine(wrapped, model, cfg, rt, total_steps)
 
 
-def apply_strategy(model: nn.Module, *, strategy: str, rt: Runtime) -> nn.Module:
-    appliers: dict[str, Callable[..., nn.Module]] = {"ddp": apply_ddp}
-    return appliers[strategy](model, rt=rt)
+def build_mesh(rt: Runtime, sharding: str):
+    """1-D mesh for FULL_SHARD / SHARD_GRAD_OP; 2-D (replicate, shard) for HYBRID_SHARD (shard within a
+    node, replicate across nodes) and NO_SHARD (shard groups of one: plain replication)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, local = rt.env.world_size, rt.env.local_world_size
+    if sharding == "HYBRID_SHARD":
+        if world % local:
+            raise SpecError("train.sharding_strategy", f"HYBRID_SHARD needs the same ranks on every node "
+                                                       f"(world {world}, {local} on this node)")
+        return init_device_mesh(rt.device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+    if sharding == "NO_SHARD":
+        return init_device_mesh(rt.device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(rt.device.type, (world,), mesh_dim_names=("shard",))
 
 
-def no_sync(model: nn.Module, skip: bool) -> ContextManager:
-    """Skip the gradient all-reduce on micro-batches that do not end an accumulation step."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+def mesh_groups(mesh) -> dict[str, list[int]]:
+    """The global ranks in this rank's group along each mesh dimension (logged, and checked by tests)."""
+    return {name: sorted(dist.get_process_group_ranks(mesh.get_group(name))) for name in mesh.mesh_dim_names}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
+               full_state: dict | None = None, **_):
+    """FSDP2 (fully_shard) per transformer block, then the root. With low_cpu_fsdp the model arrives
+    on the meta device on ranks > 0 and gets rank 0's weights by broadcast after sharding."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = build_mesh(rt, cfg.sharding_strategy)
+    reshard = cfg.sharding_strategy != "SHARD_GRAD_OP"
+    low_cpu = cfg.low_cpu_fsdp and rt.env.distributed
+    if not low_cpu:
+        model = model.to(rt.device)
+    for module in list(model.modules()):
+        if type(module) in blocks:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    if low_cpu:
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if rt.is_main else {}
+        if not rt.is_main:
+            model.to_empty(device=rt.device)
+        set_model_state_dict(model, full_state if rt.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Non-persistent buffers (rotary frequencies) are in no state dict: send rank 0's.
+        for name, buf in model.named_buffers():
+            if rt.is_main:
+                buf.copy_(buffers[name])
+            dist.broadcast(buf.data, src=0)
+    print(f"hpcft.fsdp: rank {rt.env.rank} {cfg.sharding_strategy} mesh {json.dumps(mesh_groups(mesh))}", flush=True)
+    return _torch_engine(model, model, cfg, rt, total_steps)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm is None:
-        norms = [p.grad.detach().norm(2) for p in params]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+def deepspeed_config(cfg: TrainConfig, rt: Runtime, stage: int) -> dict:
+    """The repo's ds_zero<N>.json (or the user's file) with every "auto" filled from the spec."""
+    if cfg.deepspeed_config:
+        try:
+            with open(cfg.deepspeed_config) as f:
+                conf = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError("train.deepspeed_config", f"cannot read {cfg.deepspeed_config}: {exc}") from None
+    else:
+        conf = json.loads(resources.files("hpcft.configs").joinpath(f"ds_zero{stage}.json").read_text())
+    offload_opt = "cpu" if cfg.offload_optimizer else "none"
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size_training,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.batch_size_training * cfg.gradient_accumulation_steps * rt.env.world_size,
+        "gradient_clipping": cfg.gradient_clipping_threshold if cfg.gradient_clipping else 0.0,
+        "bf16.enabled": cfg.precision in ("bf16", "pure_bf16"),
+        "fp16.enabled": cfg.precision == "fp16",
+        "zero_optimization.offload_optimizer.device": offload_opt,
+        "zero_optimization.offload_param.device": "cpu" if cfg.offload_params else "none",
+        "zero_optimization.reduce_bucket_size": 5e8,
+        "zero_optimization.stage3_prefetch_bucket_size": 5e8,
+        "zero_optimization.stage3_param_persistence_threshold": 1e4,
+    }
+    _fill_auto(conf, auto, "")
+    conf.setdefault("zero_optimization", {})["stage"] = stage
+    return conf
+
+
+def _fill_auto(node: dict, auto: dict, prefix: str) -> None:
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, auto, dotted + ".")
+        elif value == "auto":
+            if dotted not in auto:
+                raise SpecError("train.deepspeed_config", f'"{dotted}": "auto" is not a field hpcft can fill; set a value')
+            node[key] = auto[dotted]
+
+
+def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, **_):
+    import deepspeed
+
+    stage = int(cfg.strategy[-1])
+    conf = deepspeed_config(cfg, rt, stage)
+    deepspeed.init_distributed(dist_backend=rt.backend)
+    model = model.to(rt.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf,
+                                           dist_init_required=False)
+    return ZeroEngine(engine, model, stage=stage, device=rt.device)
+
+
+APPLIERS = {"ddp": apply_ddp, "fsdp": apply_fsdp, "zero1": apply_zero, "zero2": apply_zero, "zero3": apply_zero}
+
+
+def apply_strategy(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
+                   full_state: dict | None = None):
+    return APPLIERS[cfg.strategy](model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks,
+                                  full_state=full_state)

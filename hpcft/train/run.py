@@ -1,4 +1,5 @@
-"""setup -> train -> save -> cleanup, for every launcher (torchrun, srun per rank, plain python)."""
+"""setup -> train -> checkpoint/export -> cleanup, for every launcher (torchrun, srun one task per
+rank, accelerate launch, plain python)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,16 +11,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from hpcft.distenv import collect_dist_env
-from hpcft.errors import SpecError
 from hpcft.paths import RUN_DIR_ENV, RunPaths
+from hpcft.train.checkpoint import TrainerState, agree_on_resume, load_checkpoint, save_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.data import load_splits, make_loader
-from hpcft.train.dist import barrier, cleanup, print0, setup_distributed
-from hpcft.train.loop import evaluate, plan_steps, train
-from hpcft.train.metrics import MetricsWriter, ProgressDisplay
-from hpcft.train.parallel import apply_strategy, unwrap
+from hpcft.train.dist import Runtime, barrier, cleanup, print0, setup_distributed
+from hpcft.train.flops import model_shape, peak_flops, peak_memory_bytes
+from hpcft.train.loop import FlopsModel, evaluate, plan_steps, profiler_context, train
+from hpcft.train.metrics import MetricsWriter, ProgressDisplay, plot_metrics
+from hpcft.train.model import (apply_activation_checkpointing, apply_lora, block_classes, check_model_dir,
+                               check_quantization, count_params, is_seq2seq, load_model, load_tokenizer)
+from hpcft.train.parallel import apply_strategy
+from hpcft.train.precision import resolve_precision
 
 
 def default_run_dir() -> Path:
@@ -34,36 +40,39 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
-def load_model_and_tokenizer(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def export_model(engine, tokenizer, target: Path, rt: Runtime) -> Path | None:
+    """Consolidated HF model (or the PEFT adapter) that from_pretrained / PeftModel loads. Gathered
+    from every rank, written by rank 0 into a temporary directory and renamed."""
+    state = engine.full_state_dict()
+    if rt.is_main:
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.hf_model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    barrier(rt)
+    return target
 
-    if not (Path(cfg.model_name) / "config.json").is_file():
-        raise SpecError("train.model_name", f"no model directory with config.json at {cfg.model_name!r}; "
-                                            f"build one with: hpcft make-tiny-model {cfg.model_name}")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or cfg.model_name, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name, local_files_only=True, dtype=torch.float32)
-    return model, tokenizer
 
-
-def save_final(model, tokenizer, target: Path) -> None:
-    """Write to a temporary directory, then rename: a crash never leaves a half-saved model."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+def gather_per_rank(rt: Runtime, value: object) -> list:
+    if not dist.is_initialized():
+        return [value]
+    out: list = [None] * rt.env.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def run(cfg: TrainConfig) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub: a missing local file must fail, not download
     quiet_libraries()
     cfg.validate()
+    check_model_dir(cfg)
+    check_quantization(cfg)
     dist_env = collect_dist_env()
     paths = RunPaths(Path(os.environ.get(RUN_DIR_ENV) or default_run_dir()))
     rt = setup_distributed(dist_env, timeout_s=cfg.timeout_s)
@@ -73,43 +82,85 @@ def run(cfg: TrainConfig) -> dict:
     print(f"hpcft.train: rank {dist_env.rank}/{dist_env.world_size} on {socket.gethostname()} "
           f"(local rank {dist_env.local_rank}, device {rt.device})", flush=True)
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
-               f"backend {rt.backend}, strategy {cfg.strategy}, run dir {paths.run_dir}")
+               f"backend {rt.backend}, strategy {cfg.strategy}, precision {cfg.precision}, run dir {paths.run_dir}")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    splits = load_splits(cfg, tokenizer)
+    seq2seq = is_seq2seq(cfg)
+    tokenizer = load_tokenizer(cfg)
+    splits = load_splits(cfg, tokenizer, seq2seq=seq2seq)
     loader_args = dict(rank=dist_env.rank, world_size=dist_env.world_size, seed=cfg.seed,
                        pad_id=tokenizer.pad_token_id, num_workers=cfg.num_workers_dataloader)
     train_loader = make_loader(splits.train, batch_size=cfg.batch_size_training, shuffle=True, **loader_args)
     eval_loader = (make_loader(splits.eval, batch_size=cfg.val_batch_size, shuffle=False, **loader_args)
                    if splits.eval is not None and cfg.run_validation else None)
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_loader))
-    print0(rt, f"hpcft.train: {len(splits.train)} train examples ({splits.form}), {steps_per_epoch} steps per epoch "
-               f"on {dist_env.world_size} rank(s), {total_steps} steps in all")
-    model = apply_strategy(model, strategy=cfg.strategy, rt=rt)
-    metrics = MetricsWriter(paths.metrics, enabled=rt.is_main)
-    summary: dict = {"world_size": dist_env.world_size, "steps_per_epoch": steps_per_epoch,
-                     "total_steps": total_steps, "device": rt.device.type, "backend": rt.backend}
+    print0(rt, f"hpcft.train: {len(splits.train)} train examples ({splits.form}, {cfg.batching_strategy}), "
+               f"{steps_per_epoch} steps per epoch on {dist_env.world_size} rank(s), {total_steps} steps in all")
+
+    precision = resolve_precision(cfg.precision)
+    low_cpu = cfg.strategy == "fsdp" and cfg.low_cpu_fsdp and dist_env.distributed
+    model = load_model(cfg, seq2seq=seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main)
+    if cfg.use_peft:
+        model = apply_lora(model, cfg, seq2seq=seq2seq)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    n_params, n_trainable = count_params(model)
+    full_state = model.state_dict() if low_cpu and rt.is_main else None
+    n_layers, hidden = model_shape(model.config)
+    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=block_classes(model),
+                            full_state=full_state)
+    del full_state
+    print0(rt, f"hpcft.train: {n_params:,} parameters, {n_trainable:,} trainable"
+               f"{' (LoRA r=%d)' % cfg.lora_r if cfg.use_peft else ''}")
+
+    resume_from = agree_on_resume(cfg.resume, paths, rt)
+    state = load_checkpoint(engine, resume_from, rt) if resume_from else TrainerState()
+    if resume_from:
+        print0(rt, f"hpcft.train: resumed from {resume_from} at step {state.step}")
+    peak, peak_source = peak_flops(cfg.peak_tflops, rt.device, precision.autocast_dtype or precision.param_dtype)
+    flops = FlopsModel(n_params, n_layers, hidden, peak)
+    metrics = MetricsWriter(paths.metrics, enabled=rt.is_main,
+                            tensorboard_dir=paths.run_dir / "tensorboard" if cfg.tensorboard else None)
+    summary: dict = {"world_size": dist_env.world_size, "launcher": dist_env.launcher, "strategy": cfg.strategy,
+                     "sharding_strategy": cfg.sharding_strategy if cfg.strategy == "fsdp" else None,
+                     "precision": cfg.precision, "use_peft": cfg.use_peft, "seq2seq": seq2seq,
+                     "parameters": n_params, "trainable_parameters": n_trainable,
+                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "device": rt.device.type,
+                     "backend": rt.backend, "resumed_from": str(resume_from) if resume_from else None,
+                     "start_step": state.step, "peak_flops_per_rank": peak, "peak_flops_source": peak_source}
     if eval_loader is not None:
-        summary["eval_loss_before"] = evaluate(model, eval_loader, rt, cfg.max_eval_step)
-        metrics.write(event="eval", step=0, eval_loss=summary["eval_loss_before"])
+        summary["eval_loss_before"] = evaluate(engine, eval_loader, rt, max_steps=cfg.max_eval_step, seq2seq=seq2seq)
+        metrics.write(event="eval", step=state.step, eval_loss=summary["eval_loss_before"])
         print0(rt, f"hpcft.train: eval loss before {summary['eval_loss_before']:.4f}")
-    progress = ProgressDisplay(total_steps, enabled=rt.is_main)
-    result = train(model, train_loader, cfg, rt, total_steps=total_steps, metrics=metrics, progress=progress)
+
+    def save(st: TrainerState) -> None:
+        path = save_checkpoint(engine, st, paths, rt, keep=cfg.keep_checkpoints)
+        print0(rt, f"hpcft.train: checkpoint {path}")
+
+    progress = ProgressDisplay(total_steps, enabled=rt.is_main, start=state.step)
+    with profiler_context(cfg.use_profiler, paths.run_dir / "profiler", dist_env.rank) as prof:
+        result = train(engine, train_loader, cfg, rt, total_steps=total_steps, state=state, metrics=metrics,
+                       progress=progress, flops=flops, save=save, profiler=prof)
     progress.close()
-    summary.update(steps=result.steps, final_train_loss=result.last_loss, train_seconds=round(result.seconds, 3),
-                   tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
+    if result.steps_this_run:
+        save(state)
+    summary.update(steps=result.steps, steps_this_run=result.steps_this_run, final_train_loss=result.last_loss,
+                   train_seconds=round(result.seconds, 3), mfu=result.mfu,
+                   tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1),
+                   finished=result.steps >= total_steps)
     if eval_loader is not None:
-        summary["eval_loss_after"] = evaluate(model, eval_loader, rt, cfg.max_eval_step)
+        summary["eval_loss_after"] = evaluate(engine, eval_loader, rt, max_steps=cfg.max_eval_step, seq2seq=seq2seq)
         metrics.write(event="eval", step=result.steps, eval_loss=summary["eval_loss_after"])
         print0(rt, f"hpcft.train: eval loss after {summary['eval_loss_after']:.4f}")
-    if cfg.save_model and rt.is_main:
-        save_final(model, tokenizer, paths.model)
-        summary["model_dir"] = str(paths.model)
-    barrier(rt)
+    if cfg.save_model:
+        summary["model_dir"] = str(export_model(engine, tokenizer, paths.model, rt))
+    summary["peak_memory_bytes_per_rank"] = gather_per_rank(rt, peak_memory_bytes(rt.device))
     if rt.is_main:
+        metrics.close()
+        if cfg.plot:
+            plot = plot_metrics(paths.metrics, paths.run_dir / "metrics.png")
+            summary["plot"] = str(plot) if plot else None
         summary.update(run_dir=str(paths.run_dir), metrics=str(paths.metrics))
         paths.summary.write_text(json.dumps(summary, indent=1) + "\n")
         print0(rt, "hpcft.train: done " + json.dumps(summary))
-    metrics.close()
-    cleanup(model, train_loader, eval_loader)
+    cleanup(engine, train_loader, eval_loader)
     return summary

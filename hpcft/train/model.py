@@ -1,0 +1,111 @@
+"""Model and tokenizer from a local directory, plus what is applied to the bare model before any
+parallelism: LoRA adapters, activation checkpointing, dtype."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hpcft.errors import SpecError
+from hpcft.train.config import TrainConfig
+
+
+def is_seq2seq(cfg: TrainConfig) -> bool:
+    if cfg.model_type != "auto":
+        return cfg.model_type == "seq2seq"
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(cfg.model_name, local_files_only=True), "is_encoder_decoder", False))
+
+
+def check_model_dir(cfg: TrainConfig) -> None:
+    if not (Path(cfg.model_name) / "config.json").is_file():
+        raise SpecError("train.model_name", f"no model directory with config.json at {cfg.model_name!r}; "
+                                            f"build one with: hpcft make-tiny-model {cfg.model_name}")
+
+
+def check_quantization(cfg: TrainConfig) -> None:
+    """QLoRA / int8 need CUDA and bitsandbytes; say so before training starts."""
+    if cfg.quantization is None:
+        return
+    if not torch.cuda.is_available():
+        raise SpecError("train.quantization", f"{cfg.quantization} weights need a CUDA GPU (bitsandbytes); "
+                                              "this node has none: drop quantization or run on GPU nodes")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SpecError("train.quantization", "needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name or cfg.model_name, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_class(seq2seq: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+
+
+def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, empty: bool = False) -> nn.Module:
+    """from_pretrained(path); with empty=True the same architecture on the meta device (no weights
+    read: low_cpu_fsdp ranks other than 0 get theirs by broadcast)."""
+    from transformers import AutoConfig
+
+    cls = model_class(seq2seq)
+    kwargs: dict = {"attn_implementation": cfg.attn_implementation}
+    if empty:
+        config = AutoConfig.from_pretrained(cfg.model_name, local_files_only=True)
+        with torch.device("meta"):
+            return cls.from_config(config, dtype=dtype, **kwargs)
+    if cfg.quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.quantization == "4bit", load_in_8bit=cfg.quantization == "8bit",
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+    return cls.from_pretrained(cfg.model_name, local_files_only=True, dtype=dtype, **kwargs)
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig, *, seq2seq: bool) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in cfg.lora_target_modules if m not in names]
+    if missing:
+        raise SpecError("train.lora_target_modules", f"no module named {', '.join(missing)} in this model; "
+                                                     f"linear layers here include e.g. {', '.join(sorted(names & _LINEAR_HINT))}")
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.lora_target_modules), bias="none",
+                        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM)
+    return get_peft_model(model, config)
+
+
+_LINEAR_HINT = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = False
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the graph
+
+
+def block_classes(model: nn.Module) -> set[type]:
+    """Transformer block classes (one FSDP unit each): the model's own _no_split_modules."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
