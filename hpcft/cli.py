@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-tiny-model", help="build a small Llama model + BPE tokenizer locally")
     m.add_argument("out_dir")
+    m.add_argument("--arch", choices=("llama", "bart"), default="llama", help="decoder-only or encoder-decoder")
     m.add_argument("--hidden-size", type=int, default=128)
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--heads", type=int, default=4)
@@ -129,7 +130,7 @@ def cmd_cancel(args: argparse.Namespace, _command: list[str]) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace, _command: list[str]) -> int:
     from hpcft import commands
 
-    return commands.make_tiny(args.out_dir, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+    return commands.make_tiny(args.out_dir, arch=args.arch, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
                               vocab_size=args.vocab_size, corpus=args.corpus)
 
 

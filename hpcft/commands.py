@@ -119,7 +119,7 @@ def cancel(job_ids: list[str]) -> int:
     return 0
 
 
-def make_tiny(out_dir: str, *, hidden_size: int, layers: int, heads: int, vocab_size: int,
+def make_tiny(out_dir: str, *, arch: str, hidden_size: int, layers: int, heads: int, vocab_size: int,
               corpus: list[str] | None) -> int:
     from hpcft.tiny import count_parameters, make_tiny_model
 
@@ -131,6 +131,7 @@ def make_tiny(out_dir: str, *, hidden_size: int, layers: int, heads: int, vocab_
         if not Path(f).is_file():
             raise SpecError("--corpus", f"no such file {f}")
     path = make_tiny_model(out_dir, corpus=files, vocab_size=vocab_size, hidden_size=hidden_size,
-                           num_layers=layers, num_heads=heads)
-    console.print(f"tiny model: {path} ({count_parameters(path):,} parameters; tokenizer from {len(files)} file(s))")
+                           num_layers=layers, num_heads=heads, arch=arch)
+    console.print(f"tiny {arch} model: {path} ({count_parameters(path):,} parameters; "
+                  f"tokenizer from {len(files)} file(s))")
     return 0

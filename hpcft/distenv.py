@@ -175,7 +175,7 @@ class DistEnv:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    launcher: str = "single"  # torchrun | srun | single
+    launcher: str = "single"  # torchrun | accelerate | srun | single
 
     @property
     def is_main(self) -> bool:
@@ -194,7 +194,8 @@ def collect_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             rank=_int(t["rank"], 0), world_size=_int(t["world_size"], 1),
             local_rank=_int(t["local_rank"], 0), local_world_size=_int(t["local_world_size"], 1),
             node_rank=_int(t["group_rank"], 0), master_addr=t["master_addr"] or "127.0.0.1",
-            master_port=_int(t["master_port"], 29500), launcher="torchrun",
+            master_port=_int(t["master_port"], 29500),
+            launcher="accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun",
         )
     s = collect_slurm_env(env)
     if s.in_step and s.ntasks > 1:

@@ -2,6 +2,7 @@
 
     hpcft make-tiny-model artifacts/tiny-llama                 # 1.8M params, vocab 4096
     hpcft make-tiny-model artifacts/llama-16m --hidden-size 512
+    hpcft make-tiny-model artifacts/tiny-bart --arch bart       # encoder-decoder, for summarization
 
 The tokenizer is trained with `tokenizers` on the shipped JSONL data; both are saved with
 save_pretrained and load back through AutoModelForCausalLM / AutoTokenizer like any hub model.
@@ -43,21 +44,39 @@ def train_tokenizer(files: Iterable[str | Path], vocab_size: int):
                                    unk_token="<unk>", model_max_length=2048)
 
 
+ARCHS = ("llama", "bart")
+
+
+def tiny_config(arch: str, tokenizer, *, hidden_size: int, num_layers: int, num_heads: int):
+    from transformers import BartConfig, LlamaConfig
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if arch == "bart":
+        half = max(1, num_layers // 2)
+        return BartConfig(vocab_size=len(tokenizer), d_model=hidden_size, encoder_layers=half, decoder_layers=half,
+                          encoder_attention_heads=num_heads, decoder_attention_heads=num_heads,
+                          encoder_ffn_dim=hidden_size * 2, decoder_ffn_dim=hidden_size * 2,
+                          max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                          decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=None, **ids)
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                       intermediate_size=hidden_size * 8 // 3 // 8 * 8 or 8, num_hidden_layers=num_layers,
+                       num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=2048,
+                       tie_word_embeddings=False, **ids)
+
+
 def make_tiny_model(out_dir: str | Path, *, corpus: Iterable[str | Path], vocab_size: int = 4096,
-                    hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0) -> Path:
+                    hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0,
+                    arch: str = "llama") -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     out = Path(out_dir)
     tokenizer = train_tokenizer(list(corpus), vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3 // 8 * 8 or 8,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    config = tiny_config(arch, tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    cls = AutoModelForSeq2SeqLM if arch == "bart" else AutoModelForCausalLM
+    model = cls.from_config(config)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -70,7 +89,15 @@ def make_tiny_model(out_dir: str | Path, *, corpus: Iterable[str | Path], vocab_
 
 
 def count_parameters(model_dir: str | Path) -> int:
-    from transformers import AutoModelForCausalLM
+    """Parameters stored in a saved model, read from the safetensors headers (no model built)."""
+    from safetensors import safe_open
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    return sum(p.numel() for p in model.parameters())
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total

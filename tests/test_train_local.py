@@ -48,3 +48,29 @@ def test_bad_flag_is_one_line_exit_2(tiny_model):
                           text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "hpcft.train: error: train.lr: must be a number (got 'fast')"
+
+
+def test_accelerate_launch_runs_the_entrypoint_unchanged(tmp_path, tiny_model):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    _, summary, _ = run_train(tmp_path, tiny_model, str(accelerate), "launch", "--multi_gpu", "--num_processes=2",
+                              "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                              extra=["--max_train_step=2"])
+    assert summary["launcher"] == "accelerate" and summary["world_size"] == 2
+
+
+def test_packing_and_bf16_and_activation_checkpointing(tmp_path, tiny_model):
+    _, summary, proc = run_train(tmp_path, tiny_model, sys.executable, extra=[
+        "--batching_strategy=packing", "--context_length=128", "--precision=bf16", "--activation_checkpointing=true",
+        "--max_train_step=4"])
+    assert summary["precision"] == "bf16" and summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert "packing" in proc.stdout
+    assert 0 < summary["mfu"] < 1 and summary["peak_memory_bytes_per_rank"][0] > 0
+
+
+def test_metrics_extras_tensorboard_plot_profiler(tmp_path, tiny_model):
+    run_dir, summary, _ = run_train(tmp_path, tiny_model, sys.executable, extra=[
+        "--tensorboard=true", "--use_profiler=true", "--plot=true", "--max_train_step=6"])
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "profiler").glob("rank0*.json"))
+    png = run_dir / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["plot"] == str(png)

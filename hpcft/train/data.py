@@ -190,3 +190,10 @@ def make_loader(ds: Dataset, *, batch_size: int, rank: int, world_size: int, shu
     sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=make_collate(pad_id),
                       num_workers=num_workers)
+
+
+def make_eval_loader(ds: Dataset, *, batch_size: int, rank: int, world_size: int, pad_id: int) -> DataLoader:
+    """Every eval example exactly once over all ranks (no padding duplicates, unlike DistributedSampler),
+    so the eval loss does not depend on the number of ranks."""
+    return DataLoader(ds, batch_size=batch_size, sampler=list(range(rank, len(ds), world_size)),
+                      collate_fn=make_collate(pad_id))

@@ -58,6 +58,13 @@ def all_reduce_sum(rt: Runtime, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(rt: Runtime, value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=rt.device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def print0(rt: Runtime, *args: object) -> None:
     if rt.is_main:
         print(*args, flush=True)

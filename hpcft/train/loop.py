@@ -12,7 +12,7 @@ import torch
 
 from hpcft.train.checkpoint import TrainerState
 from hpcft.train.config import TrainConfig
-from hpcft.train.dist import Runtime, all_reduce_sum
+from hpcft.train.dist import Runtime, all_reduce_max, all_reduce_sum
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay
 
 
@@ -27,17 +27,28 @@ def predicted_tokens(labels: torch.Tensor, *, seq2seq: bool) -> int:
 
 @torch.no_grad()
 def evaluate(engine, loader, rt: Runtime, *, max_steps: int = 0, seq2seq: bool = False) -> float:
-    """Mean loss per predicted token over the whole eval set, all ranks together."""
+    """Mean loss per predicted token over the whole eval set, all ranks together. Ranks with fewer
+    batches run masked-out forwards so that sharded models (FSDP, ZeRO-3) see the same collectives
+    on every rank."""
     engine.model.eval()
+    n_batches = all_reduce_max(rt, len(loader))
+    if max_steps:
+        n_batches = min(n_batches, max_steps)
     loss_sum, tokens = 0.0, 0.0
-    for i, batch in enumerate(loader):
-        if max_steps and i >= max_steps:
-            break
+    it = iter(loader)
+    spare = None
+    for _ in range(n_batches):
+        batch = next(it, None)
+        if batch is None:  # this rank is out of examples: same forward, nothing counted
+            spare = spare or {k: torch.ones((1, 2), dtype=torch.long) for k in ("input_ids", "attention_mask", "labels")}
+            batch = dict(spare, labels=torch.full_like(spare["labels"], -100))
+        spare = batch
         n = predicted_tokens(batch["labels"], seq2seq=seq2seq)
         with engine.autocast():
             loss = engine.model(**_to(batch, rt.device)).loss
-        loss_sum += float(loss) * n
-        tokens += n
+        if n:
+            loss_sum += float(loss) * n
+            tokens += n
     engine.model.train()
     loss_sum, tokens = all_reduce_sum(rt, [loss_sum, tokens])
     return loss_sum / max(tokens, 1.0)

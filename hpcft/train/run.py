@@ -17,7 +17,7 @@ from hpcft.distenv import collect_dist_env
 from hpcft.paths import RUN_DIR_ENV, RunPaths
 from hpcft.train.checkpoint import TrainerState, agree_on_resume, load_checkpoint, save_checkpoint
 from hpcft.train.config import TrainConfig
-from hpcft.train.data import load_splits, make_loader
+from hpcft.train.data import load_splits, make_eval_loader, make_loader
 from hpcft.train.dist import Runtime, barrier, cleanup, print0, setup_distributed
 from hpcft.train.flops import model_shape, peak_flops, peak_memory_bytes
 from hpcft.train.loop import FlopsModel, evaluate, plan_steps, profiler_context, train
@@ -28,9 +28,15 @@ from hpcft.train.parallel import apply_strategy
 from hpcft.train.precision import resolve_precision
 
 
-def default_run_dir() -> Path:
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / "local" / run_id
+def choose_run_dir(rt: Runtime) -> Path:
+    """HPCFT_RUN_DIR (set by every hpcft launch path), else runs/local/<time> picked by rank 0 and
+    shared, so that ranks started by any launcher agree on one directory."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    choice = [str(Path("runs") / "local" / time.strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0])
 
 
 def quiet_libraries() -> None:
@@ -74,8 +80,8 @@ def run(cfg: TrainConfig) -> dict:
     check_model_dir(cfg)
     check_quantization(cfg)
     dist_env = collect_dist_env()
-    paths = RunPaths(Path(os.environ.get(RUN_DIR_ENV) or default_run_dir()))
     rt = setup_distributed(dist_env, timeout_s=cfg.timeout_s)
+    paths = RunPaths(choose_run_dir(rt))
     if rt.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         (paths.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
@@ -90,7 +96,8 @@ def run(cfg: TrainConfig) -> dict:
     loader_args = dict(rank=dist_env.rank, world_size=dist_env.world_size, seed=cfg.seed,
                        pad_id=tokenizer.pad_token_id, num_workers=cfg.num_workers_dataloader)
     train_loader = make_loader(splits.train, batch_size=cfg.batch_size_training, shuffle=True, **loader_args)
-    eval_loader = (make_loader(splits.eval, batch_size=cfg.val_batch_size, shuffle=False, **loader_args)
+    eval_loader = (make_eval_loader(splits.eval, batch_size=cfg.val_batch_size, rank=dist_env.rank,
+                                    world_size=dist_env.world_size, pad_id=tokenizer.pad_token_id)
                    if splits.eval is not None and cfg.run_validation else None)
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_loader))
     print0(rt, f"hpcft.train: {len(splits.train)} train examples ({splits.form}, {cfg.batching_strategy}), "

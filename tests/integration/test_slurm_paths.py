@@ -3,60 +3,15 @@ submitit, plain sbatch of slurm/multi_node.slurm, salloc + hpcft launch, and a f
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import (HPCFT, ROOT, TRAIN_FLAGS, check_run, job_state, run, submitted_job_id,
+                                       write_spec)
+
 pytestmark = pytest.mark.slurm
-HPCFT = [sys.executable, "-m", "hpcft.cli"]
-TRAIN_FLAGS = ["--max_train_step=8", "--lr=2e-3", "--warmup_steps=2", "--val_batch_size=16"]
-
-
-def write_spec(tmp_path, tiny_model, **over):
-    spec = {
-        "name": "it",
-        "output_dir": str(tmp_path / "runs"),
-        "resources": {"nodes": 2, "gpus_per_node": 2, "cpus_per_task": 2, "time": "00:10:00"},
-        "train": {"model_name": str(tiny_model), "data_path": str(ROOT / "data/samsum_tiny.jsonl"),
-                  "max_train_step": 8, "lr": 2e-3, "warmup_steps": 2, "val_batch_size": 16},
-    }
-    spec.update(over)
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def run(argv, **kw):
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600, **kw)
-
-
-def job_state(job_id):
-    out = run(["scontrol", "-o", "show", "job", job_id]).stdout
-    return next(w.split("=", 1)[1] for w in out.split() if w.startswith("JobState="))
-
-
-def check_run(run_dir: Path, ranks: int, hosts=("node1", "node2")):
-    logs = sorted(run_dir.glob("rank-*.log"))
-    assert [p.name for p in logs] == [f"rank-{r:03d}.log" for r in range(ranks)]
-    exits = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank-*.exit.json"))]
-    assert [e["returncode"] for e in exits] == [0] * ranks
-    assert {e["host"] for e in exits} == set(hosts)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == ranks
-    assert summary["eval_loss_after"] < summary["eval_loss_before"]
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    assert model.config.model_type == "llama"
-    return summary
-
-
-def submitted_job_id(stdout: str) -> str:
-    return next(line.split()[1] for line in stdout.splitlines() if line.strip().startswith("job "))
 
 
 def test_submit_sbatch_2_nodes_x_2(cluster, tiny_model, tmp_path):
@@ -66,6 +21,9 @@ def test_submit_sbatch_2_nodes_x_2(cluster, tiny_model, tmp_path):
     job_id = submitted_job_id(proc.stdout)
     assert job_state(job_id) == "COMPLETED"
     check_run(tmp_path / "runs" / "it" / job_id, 4)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "it" / job_id / "model").config.model_type == "llama"
     assert (tmp_path / "runs" / f"slurm-{job_id}.out").read_text().count("hpcft.launch: node") == 2
     logs = run([*HPCFT, "logs", job_id, "--output-dir", str(tmp_path / "runs")])
     assert logs.returncode == 0 and "[rank 003]" in logs.stdout and "no failed rank" in logs.stdout
@@ -147,3 +105,28 @@ def test_status_and_cancel(cluster, tiny_model, tmp_path):
 
     assert wait_for(job_id, poll_s=0.5, timeout_s=60).state == "CANCELLED"
     assert "CANCELLED" in run([*HPCFT, "status", job_id]).stdout
+
+
+def test_srun_one_task_per_rank_runs_the_entrypoint_unchanged(cluster, tiny_model, tmp_path):
+    """No torchrun: srun starts every rank; ranks come from SLURM_PROCID / SLURM_LOCALID."""
+    run_dir = tmp_path / "srun-run"
+    env = dict(os.environ, HPCFT_RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
+    proc = run(["salloc", "--nodes=2", "--ntasks-per-node=2", "srun", "--kill-on-bad-exit=1", sys.executable,
+                "-m", "hpcft.train", f"--model_name={tiny_model}", f"--data_path={ROOT / 'data/samsum_tiny.jsonl'}",
+                *TRAIN_FLAGS], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["launcher"] == "srun" and summary["world_size"] == 4
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+
+
+def test_users_own_script_gets_the_same_rendezvous(cluster, tiny_model, tmp_path):
+    spec = write_spec(tmp_path, tiny_model, name="it-user")
+    proc = run([*HPCFT, "submit", str(spec), "--wait", "--", str(ROOT / "examples/my_train.py"), "--steps", "3"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "runs" / "it-user" / submitted_job_id(proc.stdout)
+    reports = [json.loads((run_dir / f"rank-{r:03d}.log").read_text().strip().splitlines()[-1]) for r in range(4)]
+    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
+    assert {r["world"] for r in reports} == {4} and {r["rank_sum"] for r in reports} == {6.0}
+    assert {r["host"] for r in reports} == {"node1", "node2"}

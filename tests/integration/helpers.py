@@ -1,0 +1,58 @@
+"""Shared by the integration tests: job specs in a temp dir, hpcft as users run it, run checks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HPCFT = [sys.executable, "-m", "hpcft.cli"]
+TRAIN_FLAGS = ["--max_train_step=8", "--lr=2e-3", "--warmup_steps=2", "--val_batch_size=16"]
+
+
+def write_spec(tmp_path: Path, tiny_model, filename: str = "spec.yaml", train: dict | None = None, **over) -> Path:
+    spec = {
+        "name": "it",
+        "output_dir": str(tmp_path / "runs"),
+        "resources": {"nodes": 2, "gpus_per_node": 2, "cpus_per_task": 2, "time": "00:10:00"},
+        "train": {"model_name": str(tiny_model), "data_path": str(ROOT / "data/samsum_tiny.jsonl"),
+                  "max_train_step": 8, "lr": 2e-3, "warmup_steps": 2, "val_batch_size": 16, "plot": False,
+                  **(train or {})},
+    }
+    spec.update(over)
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=900, **kw)
+
+
+def job_state(job_id: str) -> str:
+    out = run(["scontrol", "-o", "show", "job", job_id]).stdout
+    return next(w.split("=", 1)[1] for w in out.split() if w.startswith("JobState="))
+
+
+def submitted_job_id(stdout: str) -> str:
+    return next(line.split()[1] for line in stdout.splitlines() if line.strip().startswith("job "))
+
+
+def check_run(run_dir: Path, ranks: int, hosts=("node1", "node2")) -> dict:
+    """One log per rank, every rank exited 0 on the expected hosts, eval loss went down, model reloads."""
+    logs = sorted(run_dir.glob("rank-*.log"))
+    assert [p.name for p in logs] == [f"rank-{r:03d}.log" for r in range(ranks)]
+    exits = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank-*.exit.json"))]
+    assert [e["returncode"] for e in exits] == [0] * ranks
+    assert {e["host"] for e in exits} == set(hosts)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == ranks
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert (run_dir / "model").is_dir()
+    return summary
+
+
+def train_losses(metrics: Path) -> dict[int, float]:
+    """step -> loss; a resumed run appends to the same file, so later lines win."""
+    return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}

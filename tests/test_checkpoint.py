@@ -1,0 +1,96 @@
+"""Checkpoints on disk, in one process with a real TorchEngine and DCP: atomic rename, pruning,
+resume selection, and a crash mid-save that must not cost the previous checkpoint."""
+import json
+
+import pytest
+import torch
+
+from hpcft.distenv import DistEnv
+from hpcft.errors import SpecError
+from hpcft.paths import RunPaths
+from hpcft.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from hpcft.train.config import TrainConfig
+from hpcft.train.dist import Runtime
+from hpcft.train.engine import TorchEngine
+from hpcft.train.optim import build_optimizer
+from hpcft.train.precision import resolve_precision
+
+RT = Runtime(env=DistEnv(), device=torch.device("cpu"), backend="gloo")
+
+
+def make_engine(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt, sched = build_optimizer(model, TrainConfig(lr=0.1, warmup_steps=1), total_steps=20)
+    return TorchEngine(model, model, opt, sched, accum=1, clip=1.0, precision=resolve_precision("fp32"),
+                       device=RT.device, peft=False)
+
+
+def train_steps(engine, n):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        x = torch.randn(16, 4, generator=g)
+        engine.backward(engine.model(x).pow(2).mean(), boundary=True)
+        engine.step()
+
+
+def test_save_load_roundtrip_restores_model_optimizer_scheduler_rng(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    a = make_engine()
+    train_steps(a, 3)
+    path = save_checkpoint(a, TrainerState(step=3, epoch=0, batches_in_epoch=3), paths, RT, keep=2)
+    expected = torch.rand(3)
+    b = make_engine(seed=123)
+    torch.rand(7)
+    state = load_checkpoint(b, path, RT)
+    assert torch.equal(torch.rand(3), expected)  # RNG restored to the moment of the save
+    assert state == TrainerState(3, 0, 3) and b.lr() == a.lr()
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    train_steps(a, 2)
+    train_steps(b, 2)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_complete_checkpoints_are_renamed_and_pruned(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    e = make_engine()
+    for step in (1, 2, 3):
+        save_checkpoint(e, TrainerState(step=step), paths, RT, keep=2)
+    names = sorted(p.name for p in paths.checkpoints.iterdir())
+    assert names == ["step-00000002", "step-00000003"]
+    assert find_resume("auto", paths).name == "step-00000003"
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    paths = RunPaths(tmp_path / "run")
+    e = make_engine()
+    save_checkpoint(e, TrainerState(step=5), paths, RT, keep=2)
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(e, "save", die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(e, TrainerState(step=6), paths, RT, keep=2)
+    assert (paths.checkpoints / "step-00000006.tmp").is_dir()  # the half-written one stays aside
+    assert find_resume("auto", paths).name == "step-00000005"
+    monkeypatch.undo()
+    save_checkpoint(e, TrainerState(step=6), paths, RT, keep=2)  # the next save clears the leftover
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step-00000005", "step-00000006"]
+
+
+def test_resume_modes(tmp_path):
+    job = tmp_path / "runs" / "name"
+    a, b = RunPaths(job / "100"), RunPaths(job / "200")
+    e = make_engine()
+    save_checkpoint(e, TrainerState(step=7), a, RT, keep=2)
+    b.run_dir.mkdir(parents=True)
+    assert find_resume("auto", b) is None  # a new job does not silently continue another one
+    assert find_resume("latest", b).parent.parent == a.run_dir
+    assert find_resume("never", a) is None
+    assert find_resume(str(a.checkpoints / "step-00000007"), b).name == "step-00000007"
+    with pytest.raises(SpecError, match="train.resume"):
+        find_resume(str(tmp_path), b)
+    assert json.loads((a.checkpoints / "step-00000007" / "trainer_state.json").read_text())["step"] == 7
