@@ -37,9 +37,11 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     """Relative paths in the spec are relative to where the user submits; make them absolute so
     the job finds them whatever its working directory."""
     t = spec.train
+    resume = t.resume if t.resume in ("auto", "latest", "never") else _absolute(t.resume, base)
     train = dataclasses.replace(
         t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
-        data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base))
+        data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base),
+        deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume)
     return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train)
 
 
@@ -48,12 +50,22 @@ def check_inputs(spec: JobSpec) -> None:
     if spec.launch.command:
         return  # a user's own script reads its own inputs
     t = spec.train
+    if t.quantization:
+        import importlib.util
+
+        if spec.resources.gpus_per_node == 0:
+            raise SpecError("train.quantization", f"{t.quantization} (QLoRA/int8) needs GPUs; ask for some with "
+                                                  "--gpus-per-node or drop quantization")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SpecError("train.quantization", f"{t.quantization} (QLoRA/int8) needs bitsandbytes and CUDA GPUs; "
+                                                  "pip install bitsandbytes, or drop quantization")
     if not (Path(t.model_name) / "config.json").is_file():
         raise SpecError("train.model_name", f"no model directory with config.json at {t.model_name}; "
                                             f"build a small one with: hpcft make-tiny-model {t.model_name}")
-    for field, path in (("train.data_path", t.data_path), ("train.eval_data_path", t.eval_data_path)):
+    for field, path in (("train.data_path", t.data_path), ("train.eval_data_path", t.eval_data_path),
+                        ("train.deepspeed_config", t.deepspeed_config)):
         if path is not None and not Path(path).is_file():
-            raise SpecError(field, f"no such file {path}; point it at a local JSONL file")
+            raise SpecError(field, f"no such file {path}; point it at an existing file")
         if path is not None and not os.access(path, os.R_OK):
             raise SpecError(field, f"{path} is not readable; fix its permissions")
 

@@ -64,3 +64,23 @@ def test_make_tiny_model_bad_shape(tmp_path):
     proc = hpcft("make-tiny-model", str(tmp_path / "m"), "--hidden-size", "130", cwd=tmp_path)
     assert proc.returncode == 2 and "--hidden-size" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_qlora_without_bitsandbytes_fails_before_submission(tmp_path, tiny_model):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"),
+                                    "train": {"model_name": str(tiny_model), "use_peft": True, "quantization": "4bit",
+                                              "data_path": str(ROOT / "data/samsum_tiny.jsonl")}}))
+    proc = hpcft("submit", str(spec), cwd=tmp_path, env=dict(os.environ, PATH="/nonexistent"))
+    assert proc.returncode == 2 and "train.quantization" in proc.stderr and "bitsandbytes" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_paths_resolve_against_the_submit_directory(tmp_path):
+    (tmp_path / "ds.json").write_text("{}")
+    proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/zero3_tiny.yaml"), "train.deepspeed_config=ds.json",
+                 "train.resume=old/checkpoints/step-00000010", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.replace(" \\\n  ", " ")
+    assert f"--deepspeed_config={tmp_path}/ds.json" in text
+    assert f"--resume={tmp_path}/old/checkpoints/step-00000010" in text

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,3 +76,25 @@ def test_metrics_extras_tensorboard_plot_profiler(tmp_path, tiny_model):
     assert list((run_dir / "profiler").glob("rank0*.json"))
     png = run_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["plot"] == str(png)
+
+
+TORCHRUN2 = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, tiny_model):
+    _, summary, _ = run_train(tmp_path_factory.mktemp("ref"), tiny_model, sys.executable, *TORCHRUN2,
+                              extra=["--max_train_step=4"])
+    return summary
+
+
+@pytest.mark.parametrize("flags", [
+    ["--strategy=fsdp", "--low_cpu_fsdp=true"],
+    ["--strategy=zero3", "--offload_optimizer=true", "--offload_params=true"],
+], ids=["fsdp-low-cpu", "zero3-offload"])
+def test_memory_saving_options_train_the_same_model(tmp_path, tiny_model, ddp_reference, flags):
+    """low_cpu_fsdp (weights read on rank 0 only, broadcast after sharding) and ZeRO-3 with optimizer
+    and parameter offload (DeepSpeedCPUAdam) give the same eval loss as plain DDP."""
+    _, summary, _ = run_train(tmp_path, tiny_model, sys.executable, *TORCHRUN2, extra=["--max_train_step=4", *flags])
+    assert summary["eval_loss_after"] == pytest.approx(ddp_reference["eval_loss_after"], abs=1e-4)
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
