@@ -25,6 +25,8 @@ write_conf() {
     echo "SlurmctldPort=16817"
     echo "SlurmUser=root"
     echo "AuthType=auth/munge"
+    # A requeued job waits cred_expire seconds (default 120) before it may start again.
+    echo "AuthInfo=cred_expire=10"
     echo "StateSaveLocation=$DIR/state"
     echo "SlurmctldPidFile=$DIR/slurmctld.pid"
     echo "SlurmctldLogFile=$DIR/slurmctld.log"
@@ -80,7 +82,8 @@ hosts_remove() {
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start_munge() {
-  if ! pgrep -x munged >/dev/null; then
+  if ! pgrep -x munged >/dev/null || [ ! -S /run/munge/munge.socket.2 ]; then
+    pkill -x munged 2>/dev/null || true
     install -d -o munge -g munge -m 0755 /run/munge
     [ -f /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || /usr/sbin/create-munge-key -f; }
     runuser -u munge -- /usr/sbin/munged
@@ -141,6 +144,8 @@ cluster_down() {
   pkill -9 -x slurmd 2>/dev/null || true
   pkill -9 -x slurmctld 2>/dev/null || true
   pkill -x munged 2>/dev/null || true
+  # munged exits asynchronously; an `up` right after `down` must not find the old one still there.
+  for _ in $(seq 1 40); do pgrep -x munged >/dev/null || break; sleep 0.25; done
   hosts_remove
   rm -rf "$DIR/state" "$DIR/spool" "$DIR"/*.pid
   [ "${1:-}" = quiet ] || log "down"

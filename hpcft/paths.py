@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN_DIR_ENV = "HPCFT_RUN_DIR"  # set by the batch script / launcher; read by rankrun and the entrypoint
+REQUEUE_MARKER = "requeue"  # file name of RunPaths.requeue_marker, for the rendered batch script
 
 
 def job_dir(output_dir: str | Path, name: str) -> Path:
@@ -57,6 +58,15 @@ class RunPaths:
     @property
     def spec(self) -> Path:
         return self.run_dir / "spec.yaml"
+
+    @property
+    def requeue_marker(self) -> Path:
+        """Written by rank 0 after a checkpointed stop on Slurm's warning signal; the batch script
+        requeues the job when it finds it."""
+        return self.run_dir / REQUEUE_MARKER
+
+    def rank_pid(self, rank: int) -> Path:
+        return self.run_dir / f"rank-{rank:03d}.pid"
 
     @property
     def submitit(self) -> Path:

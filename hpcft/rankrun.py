@@ -30,6 +30,11 @@ def child_argv(command: list[str]) -> list[str]:
     return command
 
 
+def _ignore_usr1() -> None:
+    # Until the rank installs its handler, Slurm's warning signal must not kill it (default action).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def write_exit_record(path: Path, *, rank: int, returncode: int, started: float) -> None:
     sig = -returncode if returncode < 0 else None
     record = {
@@ -64,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(paths.rank_log(dist.rank), "ab", buffering=0) as log:
         tee = dist.rank == 0
         proc = subprocess.Popen(child_argv(command), env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE if tee else log, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE if tee else log, stderr=subprocess.STDOUT,
+                                preexec_fn=_ignore_usr1)
         for sig in FORWARDED:
             signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        (paths.rank_pid(dist.rank)).write_text(f"{proc.pid}\n")
         if tee:
             assert proc.stdout is not None
             out = sys.stdout.buffer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from hpcft.launch import SRUN_FLAGS
-from hpcft.paths import RUN_DIR_ENV, job_dir, slurm_output_pattern
+from hpcft.paths import REQUEUE_MARKER, RUN_DIR_ENV, job_dir, slurm_output_pattern
 from hpcft.spec import JobSpec
 
 PYTHON = '"${HPCFT_PYTHON:-python3}"'  # hpcft submit sets HPCFT_PYTHON to its own interpreter
@@ -47,6 +47,11 @@ def sbatch_options(spec: JobSpec) -> list[str]:
             opts.append(f"--{key}={value}")
     if r.exclusive:
         opts.append("--exclusive")
+    if spec.launch.signal_lead_s:
+        # To every process of the job's steps (not the batch shell): ranks checkpoint and stop.
+        opts.append(f"--signal=USR1@{spec.launch.signal_lead_s}")
+    if spec.launch.requeue:
+        opts += ["--requeue", "--open-mode=append"]
     opts.append(f"--output={_sbatch_value(slurm_output_pattern(spec.output_dir))}")
     return opts
 
@@ -87,7 +92,19 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
     ]
     srun = ["srun", *SRUN_FLAGS, '--nodes="$SLURM_JOB_NUM_NODES"', '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"']
     cmd = [PYTHON, "-m", "hpcft.launch", "--node", "--", *(shlex.quote(a) for a in entry_command(spec)), '"$@"']
-    lines.append(_wrap([*srun, *cmd]))
+    lines.append("rc=0")
+    lines.append(_wrap([*srun, *cmd, "||", "rc=$?"]))
+    if spec.launch.requeue:
+        lines += [
+            "",
+            "# Ranks stopped at a checkpoint on Slurm's warning signal: run again from there.",
+            f'if [ -f "${RUN_DIR_ENV}/{REQUEUE_MARKER}" ]; then',
+            f'  rm -f "${RUN_DIR_ENV}/{REQUEUE_MARKER}"',
+            '  echo "hpcft: checkpointed before the time limit; requeueing job $SLURM_JOB_ID"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+        ]
+    lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"
 
 

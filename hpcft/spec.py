@@ -55,6 +55,8 @@ class Launch:
     rdzv_port: int | None = None  # fixed rendezvous port; default derives one from the job id
     setup: tuple[str, ...] = ()  # shell lines run first in the batch script (module load, source venv)
     command: tuple[str, ...] = ()  # a torchrun-ready script and its args; empty: hpcft's entrypoint
+    signal_lead_s: int = 120  # Slurm sends USR1 this long before the time limit: ranks checkpoint and stop (0: off)
+    requeue: bool = True  # after such a stop, the job requeues itself and resumes from the checkpoint
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,11 @@ def validate_spec(spec: JobSpec) -> None:
         raise SpecError("launch.backend", f"must be sbatch or submitit (got {ln.backend!r})")
     if ln.rdzv_port is not None and not 1024 <= ln.rdzv_port <= 65535:
         raise SpecError("launch.rdzv_port", f"must be between 1024 and 65535 (got {ln.rdzv_port})")
+    if ln.signal_lead_s < 0:
+        raise SpecError("launch.signal_lead_s", f"must be >= 0 seconds (got {ln.signal_lead_s})")
+    if ln.signal_lead_s and ln.signal_lead_s >= minutes * 60:
+        raise SpecError("launch.signal_lead_s", f"{ln.signal_lead_s} s is not before the end of a {r.time} job; "
+                                                "lower it or raise resources.time")
     for i, line in enumerate(ln.setup):
         if "\n" in line:
             raise SpecError(f"launch.setup[{i}]", "one shell line per list item, without newlines")

@@ -70,6 +70,7 @@ class TrainResult:
     tokens: int  # tokens processed in this run, all ranks
     seconds: float
     mfu: float | None
+    preempted: bool = False  # stopped early on Slurm's warning signal (a checkpoint was written)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class FlopsModel:
 
 def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, state: TrainerState,
           metrics: MetricsWriter, progress: ProgressDisplay, flops: FlopsModel,
-          save: Callable[[TrainerState], None], profiler=None) -> TrainResult:
+          save: Callable[[TrainerState], None], profiler=None, stop=None) -> TrainResult:
     accum = cfg.gradient_accumulation_steps
     stop_at = min(total_steps, state.step + cfg.max_steps_this_run) if cfg.max_steps_this_run else total_steps
     first_step, last_loss, tokens_total, mfu = state.step, float("nan"), 0, None
@@ -136,6 +137,9 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
                 window = _new_window(rt)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < stop_at:
                 save(state)
+            if stop is not None and state.step < stop_at and stop.agreed(rt):
+                return TrainResult(state.step, state.step - first_step, last_loss, tokens_total,
+                                   time.perf_counter() - t_start, mfu, preempted=True)
             if state.step >= stop_at:
                 break
     return TrainResult(state.step, state.step - first_step, last_loss, tokens_total,

@@ -26,6 +26,7 @@ from hpcft.train.model import (apply_activation_checkpointing, apply_lora, block
                                check_quantization, count_params, is_seq2seq, load_model, load_tokenizer)
 from hpcft.train.parallel import apply_strategy
 from hpcft.train.precision import resolve_precision
+from hpcft.train.preempt import StopRequest
 
 
 def choose_run_dir(rt: Runtime) -> Path:
@@ -80,6 +81,7 @@ def run(cfg: TrainConfig) -> dict:
     check_model_dir(cfg)
     check_quantization(cfg)
     dist_env = collect_dist_env()
+    stop = StopRequest().install()  # before anything slow: the warning may come during start-up
     rt = setup_distributed(dist_env, timeout_s=cfg.timeout_s)
     paths = RunPaths(choose_run_dir(rt))
     if rt.is_main:
@@ -146,10 +148,20 @@ def run(cfg: TrainConfig) -> dict:
     progress = ProgressDisplay(total_steps, enabled=rt.is_main, start=state.step)
     with profiler_context(cfg.use_profiler, paths.run_dir / "profiler", dist_env.rank) as prof:
         result = train(engine, train_loader, cfg, rt, total_steps=total_steps, state=state, metrics=metrics,
-                       progress=progress, flops=flops, save=save, profiler=prof)
+                       progress=progress, flops=flops, save=save, profiler=prof, stop=stop)
     progress.close()
     if result.steps_this_run:
         save(state)
+    if result.preempted:
+        # Little time is left before Slurm kills the job: no eval or export, just ask for the requeue.
+        if rt.is_main:
+            paths.requeue_marker.write_text(f"{state.step}\n")
+            metrics.write(event="preempted", step=state.step, signal=stop.signal)
+            metrics.close()
+        print0(rt, f"hpcft.train: stopped at step {state.step} on {stop.signal or 'a peer'}'s warning; "
+                   f"checkpoint written, the job will requeue and resume")
+        cleanup(engine, train_loader, eval_loader)
+        return {"preempted": True, "steps": state.step}
     summary.update(steps=result.steps, steps_this_run=result.steps_this_run, final_train_loss=result.last_loss,
                    train_seconds=round(result.seconds, 3), mfu=result.mfu,
                    tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1),
