@@ -4,6 +4,7 @@
 It reads RANK / WORLD_SIZE / LOCAL_RANK like any torchrun script and knows nothing about Slurm.
 """
 import argparse
+import gc
 import json
 import os
 import socket
@@ -31,6 +32,9 @@ def main() -> None:
     dist.all_reduce(total)
     print(json.dumps({"rank": rank, "world": world, "host": socket.gethostname(), "rank_sum": total.item(),
                       "loss": loss.item(), "local_rank": int(os.environ["LOCAL_RANK"])}), flush=True)
+    # Drop what holds the process group first: otherwise gloo aborts at exit in some runs (SIGABRT).
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

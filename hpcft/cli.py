@@ -5,6 +5,7 @@
     hpcft launch -- -m hpcft.train --max_train_step=20     # inside salloc / srun --pty
     hpcft logs <job-id|run-dir>  |  hpcft status [job-id]  |  hpcft cancel <job-id>
     hpcft make-tiny-model artifacts/tiny-llama
+    hpcft doctor                                           # inside salloc: preflight checks on every rank
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="start all ranks inside an allocation (salloc / srun --pty)")
     la.add_argument("--output-dir", default="runs")
     la.add_argument("--name", default="interactive", help="run directory: <output-dir>/<name>/<job-id>")
+
+    d = sub.add_parser("doctor", help="preflight checks on every rank of the current allocation")
+    d.add_argument("--output-dir", default="runs")
 
     lg = sub.add_parser("logs", help="per-rank logs of a run, merged, and the first rank that failed")
     lg.add_argument("ref", help="job id or run directory")
@@ -109,6 +113,13 @@ def cmd_launch(args: argparse.Namespace, command: list[str]) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, _command: list[str]) -> int:
+    from hpcft.launch import launch_in_allocation
+
+    launch_in_allocation(["-m", "hpcft.doctor"], output_dir=args.output_dir, name="doctor")
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace, _command: list[str]) -> int:
     from hpcft import commands
 
@@ -134,7 +145,7 @@ def cmd_make_tiny_model(args: argparse.Namespace, _command: list[str]) -> int:
                               vocab_size=args.vocab_size, corpus=args.corpus)
 
 
-COMMANDS = {"submit": cmd_submit, "launch": cmd_launch, "logs": cmd_logs, "status": cmd_status,
+COMMANDS = {"submit": cmd_submit, "launch": cmd_launch, "doctor": cmd_doctor, "logs": cmd_logs, "status": cmd_status,
             "cancel": cmd_cancel, "make-tiny-model": cmd_make_tiny_model}
 
 if __name__ == "__main__":

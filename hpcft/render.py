@@ -83,7 +83,7 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
     if spec.launch.rdzv_port is not None:
         lines.append(f"export HPCFT_RDZV_PORT={spec.launch.rdzv_port}")
     for name in sorted(spec.env):
-        lines.append(f"export {name}={shlex.quote(spec.env[name])}")
+        lines.append(f"export {name}={_quote_value(spec.env[name])}")
     lines += [
         f'mkdir -p "${RUN_DIR_ENV}"',
         f'echo "hpcft: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, run directory ${RUN_DIR_ENV}"',
@@ -106,6 +106,12 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         ]
     lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"
+
+
+def _quote_value(value: str) -> str:
+    """shlex.quote, but a value such as '=x' gets quotes too (bash reads `X==x` fine; readers do not)."""
+    quoted = shlex.quote(value)
+    return f"'{value}'" if quoted == value and value.startswith("=") else quoted
 
 
 def _wrap(words: list[str], width: int = 100) -> str:

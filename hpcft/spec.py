@@ -27,6 +27,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names that hold credentials: their values stay in the submitting shell, never in specs or scripts.
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -271,8 +273,9 @@ def validate_spec(spec: JobSpec) -> None:
     r = spec.resources
     if not _NAME.match(spec.name):
         raise SpecError("name", f"use letters, digits, '.', '_' and '-' only, starting with a letter or digit (got {spec.name!r})")
-    if not spec.output_dir or "\n" in spec.output_dir or '"' in spec.output_dir:
-        raise SpecError("output_dir", f"must be a directory path without newlines or double quotes (got {spec.output_dir!r})")
+    if not spec.output_dir or any(c in '"%\\' or ord(c) < 32 or ord(c) == 127 for c in spec.output_dir):
+        raise SpecError("output_dir", "goes into #SBATCH --output, which Slurm parses itself: use a path without "
+                                      f"double quotes, %, backslashes or control characters (got {spec.output_dir!r})")
     if r.nodes < 1:
         raise SpecError("resources.nodes", f"must be >= 1 (got {r.nodes})")
     if r.gpus_per_node < 0:
@@ -309,7 +312,16 @@ def validate_spec(spec: JobSpec) -> None:
     for i, line in enumerate(ln.setup):
         if "\n" in line:
             raise SpecError(f"launch.setup[{i}]", "one shell line per list item, without newlines")
-    for name in spec.env:
+    for name, value in spec.env.items():
         if not _ENV_NAME.match(name):
             raise SpecError(f"env.{name}", "environment variable names use letters, digits and _ and do not start with a digit")
+        if SECRET_NAME.search(name):
+            raise SpecError(f"env.{name}", "looks like a secret: keep it out of the spec and export it in the shell "
+                                           "you submit from; the job gets it by name, never written down")
+        if "\x00" in value:
+            raise SpecError(f"env.{name}", "contains a NUL byte, which no environment can hold")
+    for field, value in (("output_dir", spec.output_dir), ("train.model_name", spec.train.model_name),
+                         ("train.data_path", spec.train.data_path)):
+        if "\x00" in value:
+            raise SpecError(field, "contains a NUL byte; use a plain path")
     spec.train.validate()

@@ -68,6 +68,25 @@ def check_inputs(spec: JobSpec) -> None:
             raise SpecError(field, f"no such file {path}; point it at an existing file")
         if path is not None and not os.access(path, os.R_OK):
             raise SpecError(field, f"{path} is not readable; fix its permissions")
+    check_data(spec)
+
+
+def check_data(spec: JobSpec) -> None:
+    """Parse the data's first examples with the model's tokenizer: a malformed line, a missing column
+    or a prompt longer than the context fails here, not minutes later on the cluster."""
+    from hpcft.train.data import check_data_file
+    from hpcft.train.model import load_tokenizer
+
+    t = spec.train
+    try:
+        tokenizer = load_tokenizer(t)
+    except (OSError, ValueError) as exc:
+        raise SpecError("train.tokenizer_name" if t.tokenizer_name else "train.model_name",
+                        f"no tokenizer loads from {t.tokenizer_name or t.model_name} ({str(exc).splitlines()[0]}); "
+                        "point it at a directory with tokenizer files") from None
+    check_data_file(t.data_path, t, tokenizer, field="train.data_path")
+    if t.eval_data_path:
+        check_data_file(t.eval_data_path, t, tokenizer, field="train.eval_data_path")
 
 
 def sbatch_env() -> dict[str, str]:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,29 @@ def test_relative_paths_resolve_against_the_submit_directory(tmp_path):
     text = proc.stdout.replace(" \\\n  ", " ")
     assert f"--deepspeed_config={tmp_path}/ds.json" in text
     assert f"--resume={tmp_path}/old/checkpoints/step-00000010" in text
+
+
+BAD_DATA = {
+    "malformed": ('{"dialogue": "a", "summary": "b"}\n{"dialogue": "a", "summary": \n', "train.data_path",
+                  "data.jsonl:2 is not valid JSON"),
+    "missing-column": ('{"dialogue": "a", "summary": "b"}\n{"dialogue": "only"}\n', "train.data_path",
+                       "example 2 lacks text column(s) summary"),
+    "empty": ("\n\n", "train.data_path", "holds no examples"),
+    "unknown-form": ('{"text": "hello"}\n', "train.data_path", "cannot tell the data form"),
+    "too-long": ('{"dialogue": "' + "word " * 400 + '", "summary": "b"}\n', "train.context_length",
+                 "no room for its answer in context_length 256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_fails_at_submit_with_one_line(tmp_path, tiny_model, case):
+    text, field, message = BAD_DATA[case]
+    (tmp_path / "data.jsonl").write_text(text)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "train": {
+        "model_name": str(tiny_model), "data_path": "data.jsonl", "dataset": "auto"}}))
+    proc = hpcft("submit", str(spec), cwd=tmp_path, env=dict(os.environ, PATH="/nonexistent"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"hpcft: error: {field}: ") and proc.stderr.count("\n") == 1
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from hpcft.doctor import PreflightError
 from hpcft.errors import SpecError
 from hpcft.spec import build_dataclass
 from hpcft.train.config import TrainConfig, field_types
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"hpcft.train: error: {exc}", file=sys.stderr)
         return 2
+    except PreflightError as exc:
+        print(f"hpcft.train: preflight failed: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

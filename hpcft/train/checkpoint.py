@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from hpcft.paths import RunPaths
 from hpcft.train.dist import Runtime, barrier
 
 STATE_FILE = "trainer_state.json"
+# Fault injection for the atomicity test: "STEP:SECONDS" pauses every save from STEP on while the
+# checkpoint is half-written (shards on disk, not yet renamed), so a test can kill the job there.
+FAULT_DELAY_ENV = "HPCFT_FAULT_SAVE_DELAY"
 
 
 @dataclass
@@ -70,6 +74,7 @@ def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *
     barrier(rt)
     engine.save(tmp, is_main=rt.is_main)
     torch.save(_rng_state(), tmp / f"rng-rank-{rt.env.rank:05d}.pt")
+    _fault_delay(state.step)
     barrier(rt)  # every rank's shards are on disk before the checkpoint is declared complete
     if rt.is_main:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
@@ -82,6 +87,14 @@ def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *
             shutil.rmtree(old, ignore_errors=True)
     barrier(rt)
     return final
+
+
+def _fault_delay(step: int) -> None:
+    spec = os.environ.get(FAULT_DELAY_ENV)
+    if spec:
+        from_step, seconds = spec.split(":")
+        if step >= int(from_step):
+            time.sleep(float(seconds))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -76,6 +76,7 @@ class TrainConfig:
     tensorboard: bool = False  # TensorBoard scalars into <run>/tensorboard/
     plot: bool = True  # PNG of loss and throughput at the end of the run
     timeout_s: int = 600  # collective timeout; a dead peer fails the job after this long
+    preflight: bool = True  # before training: world size, all-reduce, GPUs per rank, versions, shared run dir
 
     def validate(self) -> None:
         def bad(name: str, msg: str) -> None:

@@ -31,13 +31,16 @@ ALPACA_PROMPT_INPUT = (
 )
 
 
-def read_jsonl(path: str | Path, field: str = "train.data_path") -> list[dict]:
+def read_jsonl(path: str | Path, field: str = "train.data_path", limit: int = 0) -> list[dict]:
+    """Parse a JSONL file (the first `limit` examples when limit > 0), naming the line of any error."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(field, f"no such file {str(p)!r}; point it at a local JSONL file")
     rows = []
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if limit and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -66,6 +69,21 @@ def detect_format(rows: list[dict], wanted: str, field: str) -> str:
         if missing:
             raise SpecError(field, f"example {lineno} lacks text column(s) {', '.join(missing)} needed by dataset={fmt}")
     return fmt
+
+
+def check_data_file(path: str, cfg, tokenizer, *, field: str, limit: int = 2000) -> str:
+    """Submit-time check of a data file's first `limit` examples: JSON, columns, and prompts that fit
+    context_length. Returns the data form."""
+    rows = read_jsonl(path, field, limit=limit)
+    form = detect_format(rows, cfg.dataset, field)
+    for lineno, row in enumerate(rows, 1):
+        prompt, _ = prompt_and_target(row, form)
+        n = len(tokenizer.encode(prompt, add_special_tokens=False)) + 1
+        if n >= cfg.context_length:
+            raise SpecError("train.context_length", f"example {lineno} of {path} has a {n}-token prompt, no room "
+                                                    f"for its answer in context_length {cfg.context_length}; "
+                                                    "raise context_length or shorten that example")
+    return form
 
 
 def prompt_and_target(row: dict, fmt: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hpcft.distenv import collect_dist_env
+from hpcft.doctor import preflight
 from hpcft.paths import RUN_DIR_ENV, RunPaths
 from hpcft.train.checkpoint import TrainerState, agree_on_resume, load_checkpoint, save_checkpoint
 from hpcft.train.config import TrainConfig
@@ -89,6 +90,8 @@ def run(cfg: TrainConfig) -> dict:
         (paths.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     print(f"hpcft.train: rank {dist_env.rank}/{dist_env.world_size} on {socket.gethostname()} "
           f"(local rank {dist_env.local_rank}, device {rt.device})", flush=True)
+    if cfg.preflight:
+        print0(rt, preflight(rt, paths.run_dir))
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
                f"backend {rt.backend}, strategy {cfg.strategy}, precision {cfg.precision}, run dir {paths.run_dir}")
     torch.manual_seed(cfg.seed)
