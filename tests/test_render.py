@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from hpcft.render import render_sbatch
+from tests.shell import logical_lines
 from hpcft.spec import load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,25 +59,11 @@ def test_user_values_are_quoted(value, tmp_path):
     script = render_sbatch(spec)
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     # Run only the export line: the value must arrive unchanged, nothing executed.
-    export = next(line for line in _logical_lines(script) if line.startswith("export USER_VALUE="))
+    export = next(line for line in logical_lines(script) if line.startswith("export USER_VALUE="))
     out = subprocess.run(["bash", "-c", export + '\nprintf %s "$USER_VALUE"'], capture_output=True, text=True,
                          cwd=tmp_path)
     assert out.stdout == value
     assert not Path("/tmp/pwned").exists()
-
-
-def _logical_lines(script: str):
-    import shlex
-
-    buf = ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        try:
-            shlex.split(buf, comments=True)
-        except ValueError:
-            continue
-        yield buf.rstrip("\n")
-        buf = ""
 
 
 @pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.stem)

@@ -1,6 +1,5 @@
 """Property tests: whatever users put in names, paths and env values, the rendered script is valid
 bash, passes shellcheck, and hands the value over unchanged without running any of it."""
-import shlex
 import subprocess
 
 import pytest
@@ -9,23 +8,12 @@ from hypothesis import strategies as st
 
 from hpcft.errors import SpecError
 from hpcft.render import render_sbatch
+from tests.shell import logical_lines
 from hpcft.spec import spec_from_dict
 
 NASTY = st.text(alphabet=st.one_of(st.sampled_from(list(" '\"$`;\\\n\t()|&<>*?!#~{}[]=%")),
                                    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
                 max_size=30)
-
-
-def logical_lines(script: str):
-    buf = ""
-    for line in script.split("\n"):  # bash lines: only \n ends one (str.splitlines also splits on \x85 etc.)
-        buf += line + "\n"
-        try:
-            shlex.split(buf, comments=True)
-        except ValueError:
-            continue
-        yield buf.rstrip("\n")
-        buf = ""
 
 
 def render_or_none(data):
