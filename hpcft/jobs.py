@@ -75,5 +75,46 @@ def wait_for(job_id: str, *, poll_s: float = 2.0, timeout_s: float | None = None
         time.sleep(poll_s)
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    cpus: int
+    gpus: int
+    mem_mb: int
+    partitions: tuple[str, ...]
+    state: str
+
+
+def parse_gres_gpus(gres: str) -> int:
+    """'gpu:4', 'gpu:a100:4(S:0-1)', 'gpu:a100:2,gpu:v100:2' -> GPU count."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def nodes() -> list[NodeInfo] | None:
+    """The cluster's nodes as sinfo reports them; None when sinfo cannot be asked."""
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%G|%P|%T|%m"], capture_output=True, text=True,
+                              timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    by_name: dict[str, NodeInfo] = {}
+    for line in proc.stdout.splitlines():
+        f = line.split("|")
+        if len(f) != 6 or not f[1].isdigit():
+            continue
+        old = by_name.get(f[0])
+        parts = (old.partitions if old else ()) + (f[3].rstrip("*"),) + (("<default>",) if f[3].endswith("*") else ())
+        mem = int(f[5]) if f[5].isdigit() else 0
+        by_name[f[0]] = NodeInfo(f[0], int(f[1]), parse_gres_gpus(f[2]), mem, parts, f[4])
+    return list(by_name.values())
+
+
 def cancel(job_ids: list[str]) -> subprocess.CompletedProcess:
     return _run(["scancel", *job_ids])

@@ -89,6 +89,42 @@ def check_data(spec: JobSpec) -> None:
         check_data_file(t.eval_data_path, t, tokenizer, field="train.eval_data_path")
 
 
+def check_capacity(spec: JobSpec, cluster_nodes) -> None:
+    """Ask Slurm (sinfo) what the partition has, and refuse a request it can never run with the
+    field to change, instead of sbatch's generic refusal."""
+    if cluster_nodes is None:
+        return  # sinfo unavailable: sbatch still refuses what cannot run
+    r = spec.resources
+    part = r.partition or "<default>"
+    pool = [n for n in cluster_nodes if part in n.partitions]
+    if not pool:
+        raise SpecError("resources.partition", f"Slurm has no partition {part!r}; pick one that sinfo lists")
+    where = f"partition {r.partition}" if r.partition else "the default partition"
+    if r.nodes > len(pool):
+        raise SpecError("resources.nodes", f"{where} has {len(pool)} node(s); ask for at most {len(pool)} "
+                                           f"(got {r.nodes})")
+    max_gpus = max(n.gpus for n in pool)
+    if r.gpus_per_node > max_gpus:
+        raise SpecError("resources.gpus_per_node", f"nodes in {where} have at most {max_gpus} GPU(s); "
+                                                   f"ask for at most {max_gpus} (got {r.gpus_per_node})")
+    mem_mb = _mem_mb(r.mem) if r.mem else 0
+    max_mem = max(n.mem_mb for n in pool)
+    if mem_mb > max_mem > 0:
+        raise SpecError("resources.mem", f"nodes in {where} have at most {max_mem} MB; ask for less, or 0 for a "
+                                         f"whole node's memory (got {r.mem})")
+    fitting = [n for n in pool if n.gpus >= r.gpus_per_node and n.cpus >= r.cpus_per_task]
+    if len(fitting) < r.nodes:
+        max_cpus = max(n.cpus for n in pool)
+        raise SpecError("resources.cpus_per_task", f"only {len(fitting)} node(s) in {where} have "
+                                                   f"{r.cpus_per_task} CPUs and {r.gpus_per_node} GPUs; nodes have "
+                                                   f"at most {max_cpus} CPUs")
+
+
+def _mem_mb(mem: str) -> int:
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    return int(int(mem.rstrip("KMGT")) * units.get(mem[-1], 1))
+
+
 def sbatch_env() -> dict[str, str]:
     # The job runs ranks with the interpreter that submitted it, even without an activated venv.
     return dict(os.environ, HPCFT_PYTHON=sys.executable)
@@ -157,6 +193,9 @@ def submit_submitit(spec: JobSpec) -> Submitted:
 
 def submit(spec: JobSpec, *, source: str) -> Submitted:
     check_inputs(spec)
+    from hpcft.jobs import nodes
+
+    check_capacity(spec, nodes())
     if spec.launch.backend == "submitit":
         return submit_submitit(spec)
     return submit_sbatch(spec, render_sbatch(spec, source=source))

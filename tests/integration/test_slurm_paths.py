@@ -84,11 +84,18 @@ def test_failing_rank_fails_the_job_and_is_named(cluster, tiny_model, tmp_path):
     assert "ValueError: boom on rank 1" in logs.stderr
 
 
-def test_slurm_refusal_is_exit_2_and_leaves_nothing(cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus-per-node", "5"], "resources.gpus_per_node: nodes in the default partition have at most 4 GPU(s)"),
+    (["--nodes", "3"], "resources.nodes: the default partition has 2 node(s); ask for at most 2"),
+    (["--cpus-per-task", "64"], "resources.cpus_per_task: only 0 node(s)"),
+    (["--partition", "nosuch"], "resources.partition: Slurm has no partition 'nosuch'"),
+    (["--mem", "999G"], "resources.mem: nodes in the default partition have at most 16000 MB"),
+])
+def test_over_capacity_is_refused_before_submission(cluster, tiny_model, tmp_path, flags, message):
     spec = write_spec(tmp_path, tiny_model)
-    proc = run([*HPCFT, "submit", "--gpus-per-node", "5", str(spec)], cwd=tmp_path)
+    proc = run([*HPCFT, "submit", *flags, str(spec)], cwd=tmp_path)
     assert proc.returncode == 2
-    assert "sbatch refused the job" in proc.stderr and "configuration is not available" in proc.stderr
+    assert message in proc.stderr and proc.stderr.count("\n") <= 2
     assert not (tmp_path / "runs").exists()
 
 
