@@ -66,7 +66,8 @@ def test_packing_and_bf16_and_activation_checkpointing(tmp_path, tiny_model):
         "--max_train_step=4"])
     assert summary["precision"] == "bf16" and summary["eval_loss_after"] < summary["eval_loss_before"]
     assert "packing" in proc.stdout
-    assert 0 < summary["mfu"] < 1 and summary["peak_memory_bytes_per_rank"][0] > 0
+    # MFU > 1 is possible when the CPU peak was measured while other work shared the cores (issue 5).
+    assert summary["mfu"] > 0 and summary["peak_flops_per_rank"] > 0 and summary["peak_memory_bytes_per_rank"][0] > 0
 
 
 def test_metrics_extras_tensorboard_plot_profiler(tmp_path, tiny_model):

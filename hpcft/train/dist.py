@@ -70,10 +70,9 @@ def print0(rt: Runtime, *args: object) -> None:
         print(*args, flush=True)
 
 
-def cleanup(*objects: object) -> None:
-    """Drop objects holding the process group before destroying it: otherwise about half the runs
-    abort at interpreter exit (SIGABRT), which Slurm would report as a failed job."""
-    del objects
+def cleanup() -> None:
+    """Destroy the process group once nothing holds it any more (the caller drops its references
+    first): collect what is left, then destroy."""
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -92,6 +92,17 @@ def run(cfg: TrainConfig) -> dict:
           f"(local rank {dist_env.local_rank}, device {rt.device})", flush=True)
     if cfg.preflight:
         print0(rt, preflight(rt, paths.run_dir))
+    summary = _session(cfg, rt, paths, stop)
+    # _session's frame is gone now, and with it the engine, optimizer and loaders. Destroying the
+    # process group while a DeepSpeed/DDP/FSDP object still holds it aborts the process at exit
+    # (SIGABRT in about half the runs), which Slurm would report as a failed job.
+    cleanup()
+    return summary
+
+
+def _session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, stop: StopRequest) -> dict:
+    """Everything that holds the process group: data, model, engine, training, export."""
+    dist_env = rt.env
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
                f"backend {rt.backend}, strategy {cfg.strategy}, precision {cfg.precision}, run dir {paths.run_dir}")
     torch.manual_seed(cfg.seed)
@@ -163,7 +174,6 @@ def run(cfg: TrainConfig) -> dict:
             metrics.close()
         print0(rt, f"hpcft.train: stopped at step {state.step} on {stop.signal or 'a peer'}'s warning; "
                    f"checkpoint written, the job will requeue and resume")
-        cleanup(engine, train_loader, eval_loader)
         return {"preempted": True, "steps": state.step}
     summary.update(steps=result.steps, steps_this_run=result.steps_this_run, final_train_loss=result.last_loss,
                    train_seconds=round(result.seconds, 3), mfu=result.mfu,
@@ -184,5 +194,4 @@ def run(cfg: TrainConfig) -> dict:
         summary.update(run_dir=str(paths.run_dir), metrics=str(paths.metrics))
         paths.summary.write_text(json.dumps(summary, indent=1) + "\n")
         print0(rt, "hpcft.train: done " + json.dumps(summary))
-    cleanup(engine, train_loader, eval_loader)
     return summary
