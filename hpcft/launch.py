@@ -47,15 +47,29 @@ def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda
     return env
 
 
+def gpu_driver_present() -> bool:
+    """An NVIDIA or AMD GPU driver on this node, from files alone (no torch import)."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
+
+
+def node_gpus() -> tuple[bool, int]:
+    """(CUDA usable, devices) for this node. On nodes without a GPU driver the answer needs no torch
+    import, which saves seconds of start-up per node on CPU partitions; GPU nodes ask torch."""
+    if not gpu_driver_present():
+        return False, 0
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return cuda, torch.cuda.device_count() if cuda else 0
+
+
 def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
     """Replace this process with torchrun for this node (never returns)."""
-    import torch  # only here: the outer launcher and the CLI stay light
-
     base = dict(os.environ if env is None else env)
     slurm = collect_slurm_env(base)
     port = int(base["HPCFT_RDZV_PORT"]) if base.get("HPCFT_RDZV_PORT") else None
-    cuda = torch.cuda.is_available()
-    rdzv = plan_rendezvous(slurm, cuda_devices=torch.cuda.device_count() if cuda else 0, port=port)
+    cuda, devices = node_gpus()
+    rdzv = plan_rendezvous(slurm, cuda_devices=devices, port=port)
     child_env = node_env(slurm, rdzv, base, cuda=cuda)
     print(f"hpcft.launch: node {rdzv.node_rank}/{rdzv.nnodes} ({os.uname().nodename}) starts "
           f"{rdzv.nproc_per_node} {'GPU' if cuda else 'CPU'} ranks, rendezvous {rdzv.endpoint}", flush=True)

@@ -1,12 +1,11 @@
 """Read a run's per-rank logs back: merged with rank prefixes, and the first rank that failed.
 
     hpcft logs 123456            # or a run directory
-Streams each file line by line, so memory does not grow with the size of the logs.
+Streams each file in fixed-size blocks, so memory does not grow with the size of the logs.
 """
 from __future__ import annotations
 
 import json
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -45,27 +44,64 @@ def read_exits(paths: RunPaths) -> dict[int, RankExit]:
     return out
 
 
+BLOCK = 1 << 20  # bytes read at a time: memory stays flat whatever the size of the logs
+TB = TRACEBACK.encode()
+
+
+def last_traceback_offset(log: Path) -> int | None:
+    """Byte offset of the last traceback header in a log, scanning fixed-size blocks as bytes (no
+    per-line decoding: about as fast as grep, and the memory does not grow with the file)."""
+    overlap = len(TB) - 1
+    last, pos, carry = None, 0, b""
+    with log.open("rb", buffering=0) as f:
+        while True:
+            block = f.read(BLOCK)
+            if not block:
+                return last
+            buf = carry + block if carry else block
+            i = buf.rfind(TB)
+            if i >= 0:
+                last = pos - len(carry) + i
+            carry = buf[-overlap:]
+            pos += len(block)
+
+
+def _lines_from(log: Path, offset: int, max_lines: int, max_bytes: int = 256 * 1024) -> list[str]:
+    """Up to max_lines lines starting at the line that holds byte `offset`."""
+    with log.open("rb") as f:
+        start = max(0, offset - 4096)
+        f.seek(start)
+        before = f.read(offset - start)
+        line_start = start + before.rfind(b"\n") + 1
+        f.seek(line_start)
+        text = f.read(max_bytes).decode(errors="replace")
+    return text.splitlines()[:max_lines]
+
+
+def _last_lines(log: Path, max_lines: int, max_bytes: int = 64 * 1024) -> list[str]:
+    with log.open("rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - max_bytes))
+        lines = f.read().decode(errors="replace").splitlines()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # the first one is cut
+    return lines[-max_lines:]
+
+
 def traceback_tail(log: Path, max_lines: int = 30) -> tuple[bool, list[str]]:
-    """The last traceback in a log (streamed), else its last lines."""
-    last_lines: deque[str] = deque(maxlen=max_lines)
-    tb: list[str] | None = None
-    with log.open(errors="replace") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            last_lines.append(line)
-            if TRACEBACK in line:
-                tb = [line]
-            elif tb is not None and len(tb) < 200:
-                tb.append(line)
-    if tb is not None:
-        return True, tb[-max_lines:]
-    return False, list(last_lines)
+    """The last traceback in a log (up to 200 lines of it, the last max_lines shown), else its last lines."""
+    offset = last_traceback_offset(log)
+    if offset is None:
+        return False, _last_lines(log, max_lines)
+    return True, _lines_from(log, offset, 200)[-max_lines:]
 
 
 def first_failure(paths: RunPaths) -> Failure | None:
     """The rank that failed first: earliest non-zero exit record; ranks killed afterwards by the
     launcher (SIGTERM) only count if nothing failed before them. Without exit records (a wrapper
-    was killed outright), the first log holding a traceback."""
+    was killed outright), of the logs that end in a traceback the one written to last the earliest:
+    the ranks that fail afterwards, of a lost peer, stop writing later."""
     exits = read_exits(paths)
     failed = sorted((e for e in exits.values() if e.returncode != 0),
                     key=lambda e: (e.signal in ("SIGTERM", "SIGINT"), e.ended, e.rank))
@@ -75,13 +111,17 @@ def first_failure(paths: RunPaths) -> Failure | None:
         log = paths.rank_log(e.rank)
         tail = traceback_tail(log)[1] if log.exists() else []
         return Failure(e.rank, e.host, reason, tail)
+    candidates = []
     for rank, log in paths.rank_logs():
         if rank in exits:
             continue
-        has_tb, tail = traceback_tail(log)
-        if has_tb:
-            return Failure(rank, None, "traceback in log", tail)
-    return None
+        offset = last_traceback_offset(log)
+        if offset is not None:
+            candidates.append((log.stat().st_mtime, rank, log, offset))
+    if not candidates:
+        return None
+    _, rank, log, offset = min(candidates)
+    return Failure(rank, None, "traceback in log", _lines_from(log, offset, 200)[-30:])
 
 
 def merged_lines(paths: RunPaths) -> Iterator[str]:

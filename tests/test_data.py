@@ -57,3 +57,27 @@ def test_collate_pads_ids_and_masks_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_submit_time_token_counts_match_the_training_tokenizer(tiny_model, tokenizer):
+    """hpcft submit counts prompt tokens with `tokenizers` alone (no transformers import): the counts
+    must be the ones training will see, or the context_length check would lie."""
+    from hpcft.dataformat import FastCounter, token_counter
+
+    counter = token_counter(str(tiny_model))
+    assert isinstance(counter, FastCounter)
+    for text in ["Summarize this dialog:\nAnna: Hi!\n---\nSummary:\n", "  spaces  and ünïcödé — 123 ", ""]:
+        assert counter.encode(text) == tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_submit_time_data_check_does_not_import_torch(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"dialogue": "A: hi", "summary": "A says hi."}) + "\n")
+    code = ("import sys; from hpcft.spec import spec_from_dict; from hpcft.submit import check_data; "
+            f"check_data(spec_from_dict({{'train': {{'model_name': {str(tiny_model)!r}, 'data_path': {str(data)!r}}}}})); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

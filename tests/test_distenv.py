@@ -106,3 +106,19 @@ def test_dist_env_from_srun_one_task_per_rank():
 def test_dist_env_single():
     d = collect_dist_env({})
     assert (d.rank, d.world_size, d.launcher, d.distributed) == (0, 1, "single", False)
+
+
+def test_node_launcher_on_a_cpu_node_needs_no_torch():
+    """No GPU driver here: the per-node launcher decides 'CPU ranks' without importing torch (seconds
+    of start-up per node); on GPU nodes it asks torch."""
+    import subprocess
+    import sys
+
+    from hpcft.launch import gpu_driver_present
+
+    code = "import sys; from hpcft.launch import node_gpus; print(node_gpus(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if gpu_driver_present():
+        assert out.endswith("True")
+    else:
+        assert out == "(False, 0) False"

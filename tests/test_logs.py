@@ -63,3 +63,33 @@ def test_exit_record_from_signal(tmp_path):
     write_exit_record(p, rank=0, returncode=-9, started=time.time())
     d = json.loads(p.read_text())
     assert d["signal"] == "SIGKILL" and d["returncode"] == -9 and d["host"]
+
+
+def test_traceback_across_a_block_boundary_is_found(tmp_path, monkeypatch):
+    import hpcft.logs as logs
+
+    monkeypatch.setattr(logs, "BLOCK", 64)  # the header will straddle two reads
+    log = tmp_path / "rank-000.log"
+    log.write_text("x" * 50 + "\n" + "\n".join(TB) + "\nafter\n")
+    found, tail = logs.traceback_tail(log)
+    assert found and tail[0] == TB[0] and tail[-1] == "after"
+    assert logs.last_traceback_offset(log) == 51
+
+
+def test_without_traceback_the_last_lines_are_the_tail(tmp_path):
+    from hpcft.logs import traceback_tail
+
+    log = tmp_path / "rank-000.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100_000)))
+    found, tail = traceback_tail(log, max_lines=3)
+    assert not found and tail == ["line 99997", "line 99998", "line 99999"]
+
+
+def test_without_exit_records_the_rank_whose_log_stopped_first_failed_first(tmp_path):
+    import os
+
+    paths = make_run(tmp_path, {0: ["ok", *TB], 1: ["ok"], 2: ["ok", *TB], 3: ["ok"]}, {})
+    os.utime(paths.rank_log(0), (2000.0, 2000.0))  # rank 0 failed later, of the lost peer
+    os.utime(paths.rank_log(2), (1000.0, 1000.0))
+    f = first_failure(paths)
+    assert (f.rank, f.reason) == (2, "traceback in log") and f.tail[0] == TB[0]
