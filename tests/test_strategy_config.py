@@ -38,6 +38,9 @@ def test_deepspeed_config_auto_fields_are_filled(stage):
     assert conf["train_batch_size"] == 3 * 4 * 8 and conf["train_micro_batch_size_per_gpu"] == 3
     assert conf["gradient_clipping"] == 0.5 and conf["bf16"]["enabled"] is True and conf["fp16"]["enabled"] is False
     assert conf["zero_optimization"]["stage"] == stage
+    if stage == 3:  # the reduce bucket sized from the model, not a fixed 5e8 elements (2 GB per rank in fp32)
+        sized = deepspeed_config(cfg, rt, stage, hidden_size=512)["zero_optimization"]
+        assert sized["reduce_bucket_size"] == 512 * 512
     if stage >= 2:
         assert conf["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     if stage == 3:
@@ -58,3 +61,17 @@ def test_train_flags_round_trip_through_the_rendered_args():
     cfg = TrainConfig(strategy="fsdp", sharding_strategy="HYBRID_SHARD", use_peft=True,
                       lora_target_modules=("q_proj", "k_proj", "v_proj"), lr=3e-4, tokenizer_name=None)
     assert parse_args(cfg.to_args()) == cfg
+
+
+def test_adamw_is_fused_for_plain_parameters_and_foreach_for_dtensors():
+    import torch
+
+    from hpcft.train.optim import adamw_impl
+
+    assert adamw_impl([torch.nn.Parameter(torch.zeros(3))]) == {"fused": True}
+    assert adamw_impl([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]) == {"fused": True}
+
+    class Wrapped(torch.Tensor):  # stands for DTensor and other tensor subclasses
+        pass
+
+    assert adamw_impl([torch.zeros(3).as_subclass(Wrapped)]) == {"foreach": True}

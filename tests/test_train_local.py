@@ -28,6 +28,9 @@ def test_single_process_trains_saves_and_reloads(tmp_path, tiny_model):
     steps = [x["step"] for x in lines if "loss" in x]
     assert steps == list(range(1, 13))
     assert all(x["tokens_per_s"] > 0 and x["lr"] > 0 for x in lines if "loss" in x)
+    # per-step non-pad token counts and window seconds: what bench/ computes throughput from
+    assert all(x["tokens"] > 0 and abs(x["tokens"] / x["seconds"] - x["tokens_per_s"]) <= 0.01 * x["tokens_per_s"] + 1
+               for x in lines if "loss" in x)
     assert "ETA" in proc.stdout
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -120,9 +120,13 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
             state.epoch, state.batches_in_epoch = (epoch + 1, 0) if g + 1 == n_total else (epoch, g + 1)
             if profiler is not None:
                 profiler.step()
+            stopping = None  # decided on this step by the metrics reduction, or below
             if state.step % cfg.log_every == 0 or state.step == stop_at:
-                loss_sum, tok, useful, fl = all_reduce_sum(
-                    rt, [float(window["loss"]), window["tokens"], window["useful"], window["flops"]])
+                # One collective per logged step carries the metrics and the stop request together.
+                loss_sum, tok, useful, fl, stop_votes = all_reduce_sum(
+                    rt, [float(window["loss"]), window["tokens"], window["useful"], window["flops"],
+                         1.0 if stop is not None and stop.requested else 0.0])
+                stopping = stop_votes > 0
                 now = time.perf_counter()
                 dt = max(now - t_window, 1e-9)
                 last_loss = loss_sum / rt.env.world_size / window["steps"]
@@ -130,14 +134,15 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
                 mfu = fl / rt.env.world_size / dt / flops.peak_per_rank
                 lr = engine.lr()
                 metrics.write(step=state.step, epoch=epoch, loss=round(last_loss, 6), lr=lr,
-                              grad_norm=round(grad_norm, 6), tokens_per_s=round(tok / dt, 1),
+                              grad_norm=round(grad_norm, 6), tokens=int(tok), seconds=round(dt, 4),
+                              tokens_per_s=round(tok / dt, 1),
                               useful_tokens_per_s=round(useful / dt, 1), mfu=round(mfu, 5))
                 progress.update(state.step, f"loss {last_loss:.4f} | lr {lr:.2e} | {tok / dt:,.0f} tok/s | MFU {mfu:.1%}")
                 t_window = now
                 window = _new_window(rt)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < stop_at:
                 save(state)
-            if stop is not None and state.step < stop_at and stop.agreed(rt):
+            if stop is not None and state.step < stop_at and (stop.agreed(rt) if stopping is None else stopping):
                 return TrainResult(state.step, state.step - first_step, last_loss, tokens_total,
                                    time.perf_counter() - t_start, mfu, preempted=True)
             if state.step >= stop_at:

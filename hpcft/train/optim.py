@@ -23,9 +23,19 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
+def adamw_impl(params: list[torch.Tensor]) -> dict:
+    """fused (one kernel over all parameters, CPU and CUDA) where every parameter is a plain floating
+    tensor on one device; foreach (one launch per group of tensors) otherwise, e.g. FSDP2's DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    plain = all(type(p) is torch.Tensor or type(p) is nn.Parameter for p in params)
+    if plain and not any(isinstance(p, DTensor) for p in params) and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    # foreach: one fused kernel launch per group instead of one per tensor (CPU and CUDA).
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adamw_impl(params))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     return opt, sched

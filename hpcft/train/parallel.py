@@ -15,6 +15,7 @@ from hpcft.errors import SpecError
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
 from hpcft.train.engine import TorchEngine, ZeroEngine
+from hpcft.train.flops import model_shape
 from hpcft.train.optim import build_optimizer, lr_lambda
 from hpcft.train.precision import resolve_precision
 
@@ -32,7 +33,9 @@ def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: i
     model = model.to(rt.device)
     wrapped = model
     if rt.env.distributed:
-        wrapped = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # Gradients as views into the all-reduce buckets: one copy of the gradients, not two.
+        wrapped = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
     return _torch_engine(wrapped, model, cfg, rt, total_steps)
 
 
@@ -88,8 +91,10 @@ def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
     return _torch_engine(model, model, cfg, rt, total_steps)
 
 
-def deepspeed_config(cfg: TrainConfig, rt: Runtime, stage: int) -> dict:
-    """The repo's ds_zero<N>.json (or the user's file) with every "auto" filled from the spec."""
+def deepspeed_config(cfg: TrainConfig, rt: Runtime, stage: int, hidden_size: int = 0) -> dict:
+    """The repo's ds_zero<N>.json (or the user's file) with every "auto" filled from the spec. ZeRO-3's
+    reduce bucket follows the model's hidden size as the HF DeepSpeed integration sizes it (hidden^2):
+    a fixed 5e8-element bucket is a 2 GB buffer per rank, five times a 27M model's whole state."""
     if cfg.deepspeed_config:
         try:
             with open(cfg.deepspeed_config) as f:
@@ -108,7 +113,9 @@ def deepspeed_config(cfg: TrainConfig, rt: Runtime, stage: int) -> dict:
         "fp16.enabled": cfg.precision == "fp16",
         "zero_optimization.offload_optimizer.device": offload_opt,
         "zero_optimization.offload_param.device": "cpu" if cfg.offload_params else "none",
-        "zero_optimization.reduce_bucket_size": 5e8,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size if hidden_size else 5e8,
+        # Smaller prefetch buckets (HF's 0.9 x hidden^2) left parameters in flight at export
+        # ("Cannot partition a param in flight", ZeRO-3 + offload): kept large.
         "zero_optimization.stage3_prefetch_bucket_size": 5e8,
         "zero_optimization.stage3_param_persistence_threshold": 1e4,
     }
@@ -132,7 +139,7 @@ def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
     import deepspeed
 
     stage = int(cfg.strategy[-1])
-    conf = deepspeed_config(cfg, rt, stage)
+    conf = deepspeed_config(cfg, rt, stage, hidden_size=model_shape(model.config)[1])
     deepspeed.init_distributed(dist_backend=rt.backend)
     model = model.to(rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
