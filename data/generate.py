@@ -1,6 +1,7 @@
 """Writes the small data sets that ship with hpcft (no dataset hub needed):
 
     python data/generate.py      # -> data/samsum_tiny.jsonl (400), data/alpaca_tiny.jsonl (240)
+    python data/generate.py --samsum-long 2000 artifacts/bench/samsum_long.jsonl   # benchmark data
 
 Dialogues are made from templates with a fixed seed, so the files are reproducible. They are
 meant for smoke tests and demos: short, varied, and learnable by a tiny model in a few steps.
@@ -78,6 +79,25 @@ def samsum(n, seed=1):
     return out
 
 
+def samsum_long(n, seed=3, max_parts=8):
+    """SAMSum-like lengths: most dialogues short, a long tail of long ones (1 + geometric number of
+    exchanges, 60 to ~600 tokens), so padding to the longest in a batch wastes a real share of compute."""
+    r = random.Random(seed)
+    makers = [meet, forgot, late, shopping, plan_trip]
+    out = []
+    for i in range(n):
+        parts = 1
+        while parts < max_parts and r.random() < 0.5:
+            parts += 1
+        lines, summaries = [], []
+        for _ in range(parts):
+            more, summary = r.choice(makers)(r)
+            lines += more
+            summaries.append(summary)
+        out.append({"id": f"long-{i:05d}", "dialogue": "\n".join(lines), "summary": " ".join(summaries)})
+    return out
+
+
 def alpaca(n, seed=2):
     r = random.Random(seed)
     out = []
@@ -105,6 +125,13 @@ def write(path: Path, rows):
 
 
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--samsum-long":
+        out = Path(sys.argv[3])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(out, samsum_long(int(sys.argv[2])))
+        sys.exit(0)
     here = Path(__file__).parent
     write(here / "samsum_tiny.jsonl", samsum(400))
     write(here / "alpaca_tiny.jsonl", alpaca(240))

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${HPCFT_VENV:-.venv}
 
 need_apt=()
-for p in slurmctld slurmd slurm-client munge shellcheck; do
+for p in slurmctld slurmd slurm-client munge shellcheck time; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -1,0 +1,85 @@
+"""hpcft benchmarks: one command, every measure side by side in one run on this machine.
+
+    bash bench/run.sh            # set-up, local cluster, the full run (~35 min on 2 cores), cluster down
+    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies] [--results DIR]
+
+Prints a table and writes results.json, results.md and PNG plots (default bench/results/; --quick
+writes to artifacts/bench/quick/). Parts 3 (the 2-node case) and 4 need the local Slurm cluster
+(envs/local-cluster.sh up) and SLURM_CONF in the environment. Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import logtriage, memory, report, scaling, throughput
+from bench.common import ROOT, hpcft_run, median, prepare
+
+PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies")
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and one repeat: a smoke run, not numbers")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"), help="runs, model, data, synthetic logs")
+    ap.add_argument("--results", default=None, help="where results.json and plots go")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        print(f"bench: error: --parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}",
+              file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    results_dir = Path(args.results) if args.results else (work / "quick" if args.quick else ROOT / "bench" / "results")
+    setup = prepare(work, quick=args.quick)
+    r: dict = {"machine": machine(), "config": throughput.describe(setup), "quick": args.quick, "seconds": {}}
+
+    def part(name, fn):
+        if name not in parts:
+            return
+        t = time.perf_counter()
+        print(f"bench: {name} ...", flush=True)
+        r[name] = fn()
+        r["seconds"][name] = round(time.perf_counter() - t, 1)
+        print(f"bench: {name} done in {r['seconds'][name]:.0f} s", flush=True)
+
+    part("vs_hf", lambda: throughput.vs_hf(setup))
+
+    def mfu():
+        fp32 = r["vs_hf"]["median"]["hpcft_packing"] if "vs_hf" in r else median(
+            [hpcft_run(setup, f"mfu/fp32_{i}")["tokens_per_s_steady"] for i in range(setup.reps)])
+        bf16 = [hpcft_run(setup, f"mfu/bf16_{i}", precision="bf16") for i in range(setup.reps)]
+        return throughput.mfu(setup, {"fp32": fp32, "bf16": median([s["tokens_per_s_steady"] for s in bf16])},
+                              throughput.measure_peaks(), bf16[0]["parameters"])
+
+    part("mfu", mfu)
+    part("profile", lambda: throughput.profile(setup, r.get("mfu", {}).get("parameters") or 28_158_464))
+    part("scaling", lambda: scaling.scaling(setup))
+    part("launch", lambda: scaling.launch_overhead(setup))
+    part("memory", lambda: memory.memory(setup))
+    part("logs", lambda: logtriage.triage(work, args.quick))
+    part("strategies", lambda: throughput.strategy_table(setup))
+    files = report.write(r, results_dir)
+    report.print_table(report.summary_rows(r))
+    print("bench: wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

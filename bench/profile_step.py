@@ -1,0 +1,92 @@
+"""Where a training step's time goes on one rank (torch profiler, self time per op): the share spent in
+matrix multiplies bounds the CPU-MFU, whatever else is tuned. And how long one all-reduce of the
+model's gradients takes over gloo between two ranks (the cost DDP adds per step).
+
+    python bench/profile_step.py MODEL DATA fp32|bf16 OUT.json
+    torchrun --standalone --nproc-per-node 2 bench/profile_step.py --allreduce N_FLOATS OUT.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def step_profile(model_dir: str, data: str, precision: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from hpcft.distenv import DistEnv
+    from hpcft.train.config import TrainConfig
+    from hpcft.train.data import load_splits, make_loader
+    from hpcft.train.dist import Runtime
+    from hpcft.train.loop import _to
+    from hpcft.train.model import block_classes, load_model, load_tokenizer
+    from hpcft.train.parallel import apply_strategy
+    from hpcft.train.precision import resolve_precision
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model_name=model_dir, data_path=data, dataset="samsum", context_length=512,
+                      batch_size_training=4, batching_strategy="packing", run_validation=False, precision=precision)
+    rt = Runtime(env=DistEnv(), device=torch.device("cpu"), backend="gloo")
+    tok = load_tokenizer(cfg)
+    loader = make_loader(load_splits(cfg, tok).train, batch_size=4, rank=0, world_size=1, shuffle=True, seed=0,
+                         pad_id=tok.pad_token_id, num_workers=0)
+    model = load_model(cfg, seq2seq=False, dtype=resolve_precision(precision).param_dtype)
+    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=10, blocks=block_classes(model))
+    it = iter(loader)
+
+    def step():
+        batch = next(it)
+        with engine.autocast():
+            loss = engine.model(**_to(batch, rt.device)).loss
+        engine.backward(loss, boundary=True)
+        engine.step()
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(3):
+            step()
+        wall = time.perf_counter() - t
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    total = sum(ops.values())
+    matmul = sum(v for k, v in ops.items() if k in MATMUL_OPS)
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
+    return {"precision": precision, "step_s": wall / 3, "matmul_share": matmul / total,
+            "top_ops": [{"op": k, "share": v / total} for k, v in top]}
+
+
+def allreduce(n: int) -> float:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.ones(n)
+    dist.all_reduce(t)
+    times = []
+    for _ in range(5):
+        dist.barrier()
+        s = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - s)
+    dist.destroy_process_group()
+    return sorted(times)[len(times) // 2]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if sys.argv[1] == "--allreduce":
+        seconds = allreduce(int(sys.argv[2]))
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(sys.argv[3], "w") as f:
+                json.dump({"floats": int(sys.argv[2]), "seconds": seconds}, f)
+    else:
+        with open(sys.argv[4], "w") as f:
+            json.dump(step_profile(*sys.argv[1:4]), f)

@@ -1,0 +1,177 @@
+"""The results table (printed), results.json and the PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "missed")
+
+
+def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    """(measure, result, target, verdict) for every part that ran."""
+    rows = []
+    if "vs_hf" in r:
+        v = r["vs_hf"]
+        m = v["median"]
+        rows.append(("1 vs HF Trainer: non-pad tokens/s", f"{v['ratio']:.2f}x ({m['hpcft_packing']:,.0f} vs "
+                     f"{m['hf_trainer']:,.0f}); same batching {v['ratio_same_batching']:.2f}x", ">= 1.3x",
+                     verdict(v["ratio"] >= 1.3)))
+    if "mfu" in r:
+        for precision, v in r["mfu"]["by_precision"].items():
+            rows.append((f"2 CPU-MFU {precision}", f"{v['mfu']:.0%} of {v['peak_per_rank'] / 1e9:,.0f} GFLOP/s per rank",
+                         ">= 50%", verdict(v["mfu"] >= 0.5)))
+    if "profile" in r:
+        for precision in ("fp32", "bf16"):
+            v = r["profile"][precision]
+            rows.append((f"2 matmul share of a 1-rank step, {precision}", f"{v['matmul_share']:.0%} "
+                         f"({v['step_s']:.2f} s/step)", "bounds MFU", ""))
+        a = r["profile"]["allreduce"]
+        rows.append(("3 one gradient all-reduce, 2 ranks, gloo", f"{a['seconds']:.3f} s ({a['floats'] * 4 / 2**20:.0f} MiB)",
+                     "-", ""))
+    if "scaling" in r:
+        v = r["scaling"]
+        rows.append(("3 2 ranks vs 2 x 1 rank", f"{v['efficiency_2_ranks']:.2f}", ">= 0.90",
+                     verdict(v["efficiency_2_ranks"] >= 0.9)))
+        rows.append(("3 (2 independent 1-rank runs at once) / (2 x 1 rank)", f"{v['hardware_ceiling']:.2f}",
+                     "the machine's ceiling", ""))
+        rows.append(("3 2 nodes vs 1 node x 2 ranks", f"{v['nodes_vs_one_node']:.3f}", "within 5%",
+                     verdict(abs(v["nodes_vs_one_node"] - 1) <= 0.05)))
+        spe = ", ".join(f"{k}: {n}" for k, n in v["steps_per_epoch"].items())
+        rows.append(("3 steps per epoch", spe, "shrink with ranks", verdict(
+            v["steps_per_epoch"]["2 ranks, 1 node"] < v["steps_per_epoch"]["1 rank"])))
+    if "launch" in r:
+        v = r["launch"]
+        m = v["median"]
+        rows.append(("4 submit -> first step", f"{v['ratio']:.2f}x ({m['hpcft submit']:.1f} s vs "
+                     f"{m['sbatch + torchrun']:.1f} s)", "<= 1.1x", verdict(v["ratio"] <= 1.1)))
+    if "memory" in r:
+        for row in r["memory"]["rows"]:
+            key = f"{row['case']} {row['precision']}"
+            ok = r["memory"]["meets"].get(key)
+            rows.append((f"5 memory {key}", f"{row['bytes_per_rank'] / 2**20:,.0f} MiB/rank, {row['of_ddp']:.2f} of DDP",
+                         "<= 0.55 of DDP" if ok is not None else "-", verdict(ok) if ok is not None else ""))
+    if "logs" in r:
+        v = r["logs"]
+        big = v["sizes"][max(v["sizes"], key=int)]
+        rows.append((f"6 logs: name failing rank, {v['ranks']} x {max(v['sizes'], key=int)} lines",
+                     f"{v['ratio']:.2f}x grep ({big['hpcft_logs_s']:.2f} s vs {big['grep_s']:.2f} s, "
+                     f"{big['bytes'] / 2**30:.2f} GiB)", "<= 2x", verdict(v["ratio"] <= 2)))
+        rows.append(("6 logs: peak memory, 10x more log", f"{v['rss_growth']:.2f}x "
+                     f"({big['hpcft_logs_peak_rss'] / 2**20:.0f} MiB)", "flat", verdict(v["rss_growth"] < 1.2)))
+    if "strategies" in r:
+        for row in r["strategies"]["rows"]:
+            rows.append((f"7 {row['strategy']} {row['precision']}{' LoRA' if row['lora'] else ''}",
+                         f"{row['tokens_per_s']:,.0f} tokens/s", "-", ""))
+    return rows
+
+
+def print_table(rows, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hpcft benchmarks (medians; ratios measured side by side in this run)")
+    for col in ("measure", "result", "target", ""):
+        table.add_column(col)
+    for m, res, target, v in rows:
+        style = "green" if v == "MET" else ("red" if v == "missed" else "")
+        table.add_row(m, res, target, f"[{style}]{v}[/]" if style else v)
+    (console or Console(width=160)).print(table)
+
+
+def markdown(rows) -> str:
+    lines = ["| measure | result | target | |", "|---|---|---|---|"]
+    lines += [f"| {m} | {res} | {t} | {v} |" for m, res, t, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plots(r: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        made.append(out / name)
+
+    if "vs_hf" in r:
+        m = r["vs_hf"]["median"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = ["hpcft (packing)", "hpcft (padding)", "HF Trainer (padding)"]
+        vals = [m["hpcft_packing"], m["hpcft_padding"], m["hf_trainer"]]
+        ax.bar(names, vals, color=["C0", "C9", "C1"])
+        ax.set_ylabel("non-pad tokens/s (2 ranks)")
+        ax.set_title(f"vs HF Trainer: {r['vs_hf']['ratio']:.2f}x")
+        save(fig, "vs_hf.png")
+    if "scaling" in r:
+        v = r["scaling"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        keys = list(v["median"])
+        a1.bar([k.replace(" at once", "\nat once").replace(", ", ",\n") for k in keys], [v["median"][k] for k in keys],
+               color="C0")
+        a1.tick_params(axis="x", labelsize=7)
+        a1.axhline(2 * v["median"]["1 rank"] * 0.9, color="r", ls="--", label="0.9 x 2 x 1 rank")
+        a1.set_ylabel("tokens/s")
+        a1.legend()
+        a1.set_title("scaling")
+        a2.bar(list(v["steps_per_epoch"]), list(v["steps_per_epoch"].values()), color="C2")
+        a2.set_ylabel("optimizer steps per epoch")
+        a2.set_title("steps per epoch shrink with ranks")
+        save(fig, "scaling.png")
+    if "memory" in r:
+        rows = r["memory"]["rows"]
+        fig, ax = plt.subplots(figsize=(10, 3.8))
+        labels = [f"{x['case']}\n{x['precision']}" for x in rows]
+        ax.bar(labels, [x["bytes_per_rank"] / 2**20 for x in rows], color=["C1" if "bf16" in lbl else "C0" for lbl in labels])
+        for prec, style in (("fp32", "--"), ("bf16", ":")):
+            ddp = next((x["bytes_per_rank"] for x in rows if x["case"] == "ddp" and x["precision"] == prec), None)
+            if ddp:
+                ax.axhline(ddp / 2 * 1.1 / 2**20, color="r", ls=style, label=f"DDP/2 + 10% ({prec})")
+        ax.set_ylabel("MiB per rank (params + grads + optimizer)")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=8)
+        save(fig, "memory.png")
+    if "strategies" in r:
+        rows = r["strategies"]["rows"]
+        strategies = list(dict.fromkeys(x["strategy"] for x in rows))
+        combos = list(dict.fromkeys((x["precision"], x["lora"]) for x in rows))
+        fig, ax = plt.subplots(figsize=(10, 3.8))
+        width = 0.8 / len(combos)
+        for j, (prec, lora) in enumerate(combos):
+            vals = [next(x["tokens_per_s"] for x in rows if x["strategy"] == s and x["precision"] == prec
+                         and x["lora"] == lora) for s in strategies]
+            ax.bar([i + j * width for i in range(len(strategies))], vals, width,
+                   label=f"{prec}{' + LoRA' if lora else ''}")
+        ax.set_xticks([i + width * (len(combos) - 1) / 2 for i in range(len(strategies))], strategies)
+        ax.set_ylabel("tokens/s (2 ranks)")
+        ax.legend(fontsize=8)
+        save(fig, "strategies.png")
+    if "logs" in r:
+        v = r["logs"]["sizes"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
+        xs = sorted(v, key=int)
+        a1.plot([int(x) for x in xs], [v[x]["hpcft_logs_s"] for x in xs], "o-", label="hpcft logs --failure-only")
+        a1.plot([int(x) for x in xs], [v[x]["grep_s"] for x in xs], "o-", label="grep -l Traceback")
+        a1.set_xlabel("lines per rank (1,024 ranks)")
+        a1.set_ylabel("seconds")
+        a1.legend(fontsize=8)
+        a2.plot([int(x) for x in xs], [v[x]["hpcft_logs_peak_rss"] / 2**20 for x in xs], "o-")
+        a2.set_xlabel("lines per rank")
+        a2.set_ylabel("hpcft logs peak RSS, MiB")
+        a2.set_ylim(bottom=0)
+        save(fig, "logs.png")
+    return made
+
+
+def write(r: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
+    rows = summary_rows(r)
+    (out / "results.md").write_text(markdown(rows))
+    return [out / "results.json", out / "results.md", *plots(r, out)]
