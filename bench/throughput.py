@@ -55,7 +55,7 @@ STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 def strategy_table(setup: Setup) -> dict:
     rows = []
-    steps = max(setup.warmup + 3, 6)
+    steps = setup.warmup + (3 if setup.quick else 6)
     for precision in ("fp32", "bf16"):
         for peft in (False, True):
             for strategy in STRATEGIES:
