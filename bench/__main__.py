@@ -51,12 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     r: dict = {"machine": machine(), "config": throughput.describe(setup), "quick": args.quick, "seconds": {}}
 
     def part(name, fn):
+        """Run one part; a failure is recorded and the others still run. results.json is rewritten
+        after every part, so a crash late in a long run keeps what was measured."""
         if name not in parts:
             return
         t = time.perf_counter()
         print(f"bench: {name} ...", flush=True)
-        r[name] = fn()
+        try:
+            r[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
+            r.setdefault("failed", {})[name] = str(exc)[-3000:]
+            print(f"bench: {name} FAILED: {str(exc)[-1500:]}", file=sys.stderr, flush=True)
         r["seconds"][name] = round(time.perf_counter() - t, 1)
+        report.write_json(r, results_dir)
         print(f"bench: {name} done in {r['seconds'][name]:.0f} s", flush=True)
 
     part("vs_hf", lambda: throughput.vs_hf(setup))
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     files = report.write(r, results_dir)
     report.print_table(report.summary_rows(r))
     print("bench: wrote " + ", ".join(str(f) for f in files))
+    if r.get("failed"):
+        print(f"bench: failed parts: {', '.join(r['failed'])} (see results.json)", file=sys.stderr)
+        return 1
     return 0
 
 

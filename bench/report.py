@@ -11,7 +11,8 @@ def verdict(ok: bool | None) -> str:
 
 def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
     """(measure, result, target, verdict) for every part that ran."""
-    rows = []
+    rows = [(f"{name} FAILED", msg.strip().splitlines()[-1][:80] if msg.strip() else "", "-", "missed")
+            for name, msg in r.get("failed", {}).items()]
     if "vs_hf" in r:
         v = r["vs_hf"]
         m = v["median"]
@@ -62,8 +63,10 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
                      f"({big['hpcft_logs_peak_rss'] / 2**20:.0f} MiB)", "flat", verdict(v["rss_growth"] < 1.2)))
     if "strategies" in r:
         for row in r["strategies"]["rows"]:
+            ok = row["tokens_per_s"] is not None
             rows.append((f"7 {row['strategy']} {row['precision']}{' LoRA' if row['lora'] else ''}",
-                         f"{row['tokens_per_s']:,.0f} tokens/s", "-", ""))
+                         f"{row['tokens_per_s']:,.0f} tokens/s" if ok else "FAILED (see results.json)", "-",
+                         "" if ok else "missed"))
     return rows
 
 
@@ -144,7 +147,7 @@ def plots(r: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(10, 3.8))
         width = 0.8 / len(combos)
         for j, (prec, lora) in enumerate(combos):
-            vals = [next(x["tokens_per_s"] for x in rows if x["strategy"] == s and x["precision"] == prec
+            vals = [next(x["tokens_per_s"] or 0 for x in rows if x["strategy"] == s and x["precision"] == prec
                          and x["lora"] == lora) for s in strategies]
             ax.bar([i + j * width for i in range(len(strategies))], vals, width,
                    label=f"{prec}{' + LoRA' if lora else ''}")
@@ -169,9 +172,16 @@ def plots(r: dict, out: Path) -> list[Path]:
     return made
 
 
-def write(r: dict, out: Path) -> list[Path]:
+def write_json(r: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(r, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    return out / "results.json"
+
+
+def write(r: dict, out: Path) -> list[Path]:
+    write_json(r, out)
     rows = summary_rows(r)
     (out / "results.md").write_text(markdown(rows))
     return [out / "results.json", out / "results.md", *plots(r, out)]

@@ -60,10 +60,16 @@ def strategy_table(setup: Setup) -> dict:
         for peft in (False, True):
             for strategy in STRATEGIES:
                 name = f"strategies/{strategy}_{precision}{'_lora' if peft else ''}"
-                s = hpcft_run(setup, name, strategy=strategy, precision=precision, use_peft=peft, max_train_step=steps)
-                rows.append({"strategy": strategy, "precision": precision, "lora": peft,
-                             "tokens_per_s": s["tokens_per_s_steady"], "trainable": s["trainable_parameters"],
-                             "final_loss": s["final_train_loss"]})
+                row = {"strategy": strategy, "precision": precision, "lora": peft}
+                try:
+                    s = hpcft_run(setup, name, strategy=strategy, precision=precision, use_peft=peft,
+                                  max_train_step=steps)
+                except RuntimeError as exc:  # recorded, the table goes on
+                    row.update(tokens_per_s=None, error=str(exc)[-1500:])
+                else:
+                    row.update(tokens_per_s=s["tokens_per_s_steady"], trainable=s["trainable_parameters"],
+                               final_loss=s["final_train_loss"])
+                rows.append(row)
     return {"rows": rows, "steps": steps}
 
 

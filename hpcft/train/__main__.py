@@ -53,5 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown once the run's files are written and closed. Tearing down
+    torch/DeepSpeed/gloo C++ threads at exit aborts the process now and then ("terminate called
+    without an active exception", SIGABRT, seen after a finished ZeRO-2 run in the benchmarks); that
+    would fail a good job under torchrun and Slurm. Output and log handlers are flushed first."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
