@@ -116,7 +116,8 @@ def plots(r: dict, out: Path) -> list[Path]:
         v = r["scaling"]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
         keys = list(v["median"])
-        a1.bar([k.replace(" at once", "\nat once").replace(", ", ",\n") for k in keys], [v["median"][k] for k in keys],
+        a1.bar([k.replace(" 1-rank runs", "\n1-rank runs").replace(", ", ",\n").replace(" x ", "\nx ") for k in keys],
+               [v["median"][k] for k in keys],
                color="C0")
         a1.tick_params(axis="x", labelsize=7)
         a1.axhline(2 * v["median"]["1 rank"] * 0.9, color="r", ls="--", label="0.9 x 2 x 1 rank")
@@ -130,7 +131,7 @@ def plots(r: dict, out: Path) -> list[Path]:
     if "memory" in r:
         rows = r["memory"]["rows"]
         fig, ax = plt.subplots(figsize=(10, 3.8))
-        labels = [f"{x['case']}\n{x['precision']}" for x in rows]
+        labels = [f"{x['case'].replace(' ', chr(10))}\n{x['precision']}" for x in rows]
         ax.bar(labels, [x["bytes_per_rank"] / 2**20 for x in rows], color=["C1" if "bf16" in lbl else "C0" for lbl in labels])
         for prec, style in (("fp32", "--"), ("bf16", ":")):
             ddp = next((x["bytes_per_rank"] for x in rows if x["case"] == "ddp" and x["precision"] == prec), None)
