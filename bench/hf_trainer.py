@@ -19,7 +19,8 @@ import torch.distributed as dist
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from hpcft.train.data import build_dataset, detect_format, read_jsonl
+from hpcft.dataformat import detect_format, read_jsonl
+from hpcft.train.data import build_dataset
 
 
 class StepClock(TrainerCallback):

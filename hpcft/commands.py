@@ -19,8 +19,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.st
 
 def submit(spec_path: str | None, overrides: list[str], command: list[str], *, dry_run: bool, wait: bool) -> int:
     from hpcft.render import entry_command, render_sbatch
-    from hpcft.spec import load_spec
-    from hpcft.submit import SubmitError, resolve_paths
+    from hpcft.spec import load_spec, resolve_paths
+    from hpcft.submit import SubmitError
     from hpcft.submit import submit as do_submit
 
     spec = load_spec(spec_path, overrides)

@@ -24,7 +24,7 @@ def main(run_dir: str) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hpcft.train.data import SAMSUM_PROMPT
+    from hpcft.dataformat import SAMSUM_PROMPT
 
     tok = AutoTokenizer.from_pretrained(paths.model)
     model = AutoModelForCausalLM.from_pretrained(paths.model)

@@ -8,9 +8,7 @@ with the dotted field name, turned into one line and exit status 2 by the CLI.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import yaml
 
 from hpcft.errors import SpecError
 from hpcft.train.config import TrainConfig
+from hpcft.typedload import build_dataclass
 
 
 # Values that go into #SBATCH lines or file names: Slurm parses those itself, so keep them plain.
@@ -74,86 +73,6 @@ class JobSpec:
 
     def replace(self, **changes: Any) -> "JobSpec":
         return dataclasses.replace(self, **changes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: dict -> dataclass, strictly (unknown keys and wrong types are errors).
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        non_none = [a for a in args if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, non_none[0], where)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, dict):
-            raise SpecError(where, f"must be a mapping of {tp.__name__} fields (got {value!r})")
-        return build_dataclass(tp, value, where)
-    if origin is tuple:
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise SpecError(where, f"must be a list (got {value!r})")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise SpecError(where, f"must be a mapping NAME: value (got {value!r})")
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise SpecError(where, f"must be true or false (got {value!r})")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise SpecError(where, f"must be an integer (got {value!r})")
-        try:
-            return int(value)
-        except ValueError:
-            raise SpecError(where, f"must be an integer (got {value!r})") from None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise SpecError(where, f"must be a number (got {value!r})")
-        try:
-            return float(value)
-        except ValueError:
-            raise SpecError(where, f"must be a number (got {value!r})") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise SpecError(where, f"must be a string (got {value!r})")
-        return str(value)
-    raise SpecError(where, f"unsupported type {_type_name(tp)}")
-
-
-def build_dataclass(cls: type, data: dict, where: str = "") -> Any:
-    """Build `cls` from a plain dict, naming the first unknown key or bad value."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{where}.{key}" if where else str(key)
-        if key not in known:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), sorted(known), n=1)
-            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
-            raise SpecError(dotted, f"unknown key ({hint})")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
 
 
 def _parse_gpus(value: Any) -> tuple[Any, Any]:
@@ -234,19 +153,6 @@ def load_spec(path: str | Path | None, overrides: list[str] | tuple[str, ...] = 
     return spec_from_dict(data, overrides)
 
 
-def spec_to_dict(spec: JobSpec) -> dict:
-    """The spec as plain data (for saving next to a run)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return {k: plain(v) for k, v in dataclasses.asdict(spec).items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation.
 
@@ -320,8 +226,31 @@ def validate_spec(spec: JobSpec) -> None:
                                            "you submit from; the job gets it by name, never written down")
         if "\x00" in value:
             raise SpecError(f"env.{name}", "contains a NUL byte, which no environment can hold")
-    for field, value in (("output_dir", spec.output_dir), ("train.model_name", spec.train.model_name),
+    for dotted, value in (("output_dir", spec.output_dir), ("train.model_name", spec.train.model_name),
                          ("train.data_path", spec.train.data_path)):
         if "\x00" in value:
-            raise SpecError(field, "contains a NUL byte; use a plain path")
+            raise SpecError(dotted, "contains a NUL byte; use a plain path")
     spec.train.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: relative to where the user submits.
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Relative paths in the spec are relative to where the user submits; make them absolute so
+    the job finds them whatever its working directory."""
+    t = spec.train
+    resume = t.resume if t.resume in ("auto", "latest", "never") else _absolute(t.resume, base)
+    train = dataclasses.replace(
+        t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
+        data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base),
+        deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume)
+    return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train)

@@ -4,7 +4,6 @@ Nothing is submitted, and nothing is left on disk, unless every check passes fir
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import subprocess
@@ -24,25 +23,6 @@ class Submitted:
     backend: str
     run_dir: Path  # <output_dir>/<name>/<job-id>
     slurm_output: Path
-
-
-def _absolute(path: str | None, base: Path) -> str | None:
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
-
-
-def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """Relative paths in the spec are relative to where the user submits; make them absolute so
-    the job finds them whatever its working directory."""
-    t = spec.train
-    resume = t.resume if t.resume in ("auto", "latest", "never") else _absolute(t.resume, base)
-    train = dataclasses.replace(
-        t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
-        data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base),
-        deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume)
-    return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train)
 
 
 def check_inputs(spec: JobSpec) -> None:

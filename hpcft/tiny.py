@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from hpcft.train.data import ALPACA_PROMPT_INPUT, SAMSUM_PROMPT
+from hpcft.dataformat import ALPACA_PROMPT_INPUT, SAMSUM_PROMPT
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from hpcft.errors import SpecError
-from hpcft.train.data import IGNORE_INDEX, detect_format, make_collate, read_jsonl, tokenize_example
+from hpcft.dataformat import IGNORE_INDEX, detect_format, read_jsonl
+from hpcft.train.data import make_collate, tokenize_example
 
 
 @pytest.fixture(scope="module")

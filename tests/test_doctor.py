@@ -1,7 +1,7 @@
 """The preflight checks on facts gathered from ranks (as all_gather_object would deliver them)."""
 import pytest
 
-from hpcft.doctor import PreflightError, RankFacts, check_devices, check_run_dir, check_versions, check_world
+from hpcft.train.preflight import PreflightError, RankFacts, check_devices, check_run_dir, check_versions, check_world
 
 V = (("torch", "2.13.0"), ("transformers", "5.23.0"), ("hpcft", "0.1.0"))
 

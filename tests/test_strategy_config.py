@@ -56,7 +56,7 @@ def test_user_deepspeed_config_with_unknown_auto(tmp_path):
 
 
 def test_train_flags_round_trip_through_the_rendered_args():
-    from hpcft.train.__main__ import parse_args
+    from hpcft.train.config import parse_args
 
     cfg = TrainConfig(strategy="fsdp", sharding_strategy="HYBRID_SHARD", use_peft=True,
                       lora_target_modules=("q_proj", "k_proj", "v_proj"), lr=3e-4, tokenizer_name=None)

@@ -8,38 +8,18 @@ from __future__ import annotations
 
 import sys
 
-from hpcft.doctor import PreflightError
 from hpcft.errors import SpecError
-from hpcft.spec import build_dataclass
-from hpcft.train.config import TrainConfig, field_types
-
-TUPLE_FIELDS = {name for name, tp in field_types().items() if str(tp).startswith("tuple")}
-
-
-def parse_args(argv: list[str]) -> TrainConfig:
-    values: dict[str, object] = {}
-    it = iter(argv)
-    for arg in it:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            raise SpecError(arg, "flags are written --name=value; see python -m hpcft.train --help")
-        name, sep, value = arg[2:].partition("=")
-        if not sep:
-            value = next(it, None)
-            if value is None:
-                raise SpecError(f"train.{name}", "needs a value")
-        key = name.replace("-", "_")
-        if key in TUPLE_FIELDS and value is not None:
-            value = [v for v in value.split(",") if v]
-        values[key] = None if value == "none" else value
-    return build_dataclass(TrainConfig, values, "train")
+from hpcft.train.config import parse_args
+from hpcft.train.preflight import PreflightError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(argv)
         cfg.validate()
         from hpcft.train.run import run
 

@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass
 
 from hpcft.errors import SpecError
+from hpcft.typedload import build_dataclass
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
@@ -18,8 +19,6 @@ BATCHING = ("padding", "packing")
 MODEL_TYPES = ("auto", "causal", "seq2seq")
 DATASETS = ("auto", "samsum", "alpaca")
 SCHEDULERS = ("cosine", "linear", "constant")
-
-
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,8 @@ class TrainConfig:
             bad("gradient_clipping_threshold", f"must be > 0 (got {self.gradient_clipping_threshold})")
 
     def to_args(self) -> list[str]:
-        """Flags for `python -m hpcft.train`, only those that differ from the defaults, in field order."""
+        """Flags for `python -m hpcft.train`, only those that differ from the defaults, in field order;
+        parse_args reads them back."""
         args = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -160,5 +160,22 @@ def _format(value: object) -> str:
     return str(value)
 
 
-def field_types() -> dict[str, typing.Any]:
-    return typing.get_type_hints(TrainConfig)
+def parse_args(argv: list[str]) -> TrainConfig:
+    """`--name=value` / `--name value` flags (what to_args writes) -> TrainConfig. Lists are
+    comma-separated; `none` is None."""
+    tuple_fields = {name for name, tp in typing.get_type_hints(TrainConfig).items() if str(tp).startswith("tuple")}
+    values: dict[str, object] = {}
+    it = iter(argv)
+    for arg in it:
+        if not arg.startswith("--"):
+            raise SpecError(arg, "flags are written --name=value; see python -m hpcft.train --help")
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            value = next(it, None)
+            if value is None:
+                raise SpecError(f"train.{name}", "needs a value")
+        key = name.replace("-", "_")
+        if key in tuple_fields and value is not None:
+            value = [v for v in value.split(",") if v]
+        values[key] = None if value == "none" else value
+    return build_dataclass(TrainConfig, values, "train")

@@ -8,8 +8,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
-from hpcft.dataformat import (ALPACA_PROMPT, ALPACA_PROMPT_INPUT, COLUMNS, IGNORE_INDEX,  # noqa: F401
-                              SAMSUM_PROMPT, check_data_file, detect_format, prompt_and_target, read_jsonl)
+from hpcft.dataformat import IGNORE_INDEX, detect_format, prompt_and_target, read_jsonl
 from hpcft.errors import SpecError
 
 

@@ -16,7 +16,7 @@ import torch
 
 from hpcft.distenv import DistEnv
 from hpcft.errors import SpecError
-from hpcft.train.config import TrainConfig
+from hpcft.train.config import TrainConfig, parse_args
 from hpcft.train.data import load_splits, make_eval_loader
 from hpcft.train.dist import Runtime
 from hpcft.train.loop import evaluate
@@ -51,8 +51,6 @@ def evaluate_saved(cfg: TrainConfig) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpcft.train.__main__ import parse_args
-
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         print(json.dumps({"model": cfg.model_name, "eval_loss": evaluate_saved(cfg)}))
