@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hpcft.distenv import RUN_DIR_VAR
+from hpcft.paths import RunPaths
+from hpcft.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -31,12 +36,17 @@ class Setup:
     extra: dict = field(default_factory=dict)
 
     def train_flags(self, **overrides) -> list[str]:
-        flags = {"model_name": self.model, "data_path": self.data, "dataset": "samsum",
-                 "context_length": self.context, "batch_size_training": self.batch,
-                 "batching_strategy": "packing", "max_train_step": self.steps, "run_validation": "false",
-                 "save_model": "false", "plot": "false", "lr": 1e-4, "lr_scheduler": "cosine", "seed": 42}
-        flags.update(overrides)
-        return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
+        fields = dict(context_length=self.context, batch_size_training=self.batch, max_train_step=self.steps)
+        return bench_config(self.model, self.data, **{**fields, **overrides}).to_args()
+
+
+def bench_config(model: Path | str, data: Path | str, **overrides) -> TrainConfig:
+    """The training config every part measures: packed SAMSum-like data, no eval, no export."""
+    fields = dict(model_name=str(model), data_path=str(data), dataset="samsum", context_length=512,
+                  batch_size_training=4, batching_strategy="packing", run_validation=False, save_model=False,
+                  plot=False, lr=1e-4, lr_scheduler="cosine", seed=42)
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
 def prepare(out: Path, *, quick: bool) -> Setup:
@@ -60,7 +70,7 @@ def env_for(threads: int, run_dir: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     if run_dir is not None:
-        env["HPCFT_RUN_DIR"] = str(run_dir)
+        env[RUN_DIR_VAR] = str(run_dir)
     return env
 
 
@@ -77,8 +87,6 @@ def hpcft_run(setup: Setup, name: str, *, nproc: int = 2, threads: int = 1, **tr
     """The shared entrypoint under torchrun on this machine; returns its summary plus measured throughput."""
     run_dir = setup.out / "runs" / name
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     argv = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "hpcft.train", *setup.train_flags(**train)]
     run_logged(argv, run_dir.with_suffix(".log"), env_for(threads, run_dir))
@@ -88,8 +96,6 @@ def hpcft_run(setup: Setup, name: str, *, nproc: int = 2, threads: int = 1, **tr
 def hpcft_concurrent(setup: Setup, names: list[str], **train) -> list[dict]:
     """Independent single-rank runs started together: what this machine gives each of N processes
     that share it without talking to each other (the ceiling for N communicating ranks)."""
-    import shutil
-
     procs = []
     for name in names:
         run_dir = setup.out / "runs" / name
@@ -109,8 +115,9 @@ def hpcft_concurrent(setup: Setup, names: list[str], **train) -> list[dict]:
 
 
 def read_hpcft(run_dir: Path, warmup: int) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    paths = RunPaths(run_dir)
+    summary = json.loads(paths.summary.read_text())
+    rows = [json.loads(line) for line in paths.metrics.read_text().splitlines() if '"loss"' in line]
     summary["tokens_per_s_steady"] = steady_rate(rows, warmup)
     summary["first_step_time"] = rows[0]["time"] if rows else None
     return summary

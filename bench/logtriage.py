@@ -4,7 +4,6 @@ the rank vs `grep -l Traceback` over the same files, and the peak memory of each
 10,000 lines per rank."""
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 from bench.common import PY, ROOT, env_for, median
+from hpcft.paths import RunPaths
 
 RANKS = 1024
 FAILING = 777
@@ -21,7 +21,7 @@ FAILING = 777
 def write_logs(run: Path, lines: int) -> int:
     """Training-log lines like the entrypoint's, a different mix per rank; returns bytes written."""
     if (run / "done").exists():
-        return sum(p.stat().st_size for p in run.glob("rank-*.log"))
+        return sum(p.stat().st_size for _, p in RunPaths(run).rank_logs())
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     r = random.Random(0)
@@ -44,7 +44,7 @@ def write_logs(run: Path, lines: int) -> int:
             cut = data.rfind("\n", 0, len(data) * 2 // 3) + 1
             data = data[:cut] + ("Traceback (most recent call last):\n  File \"hpcft/train/loop.py\", line 98, in train\n"
                                  "    loss = engine.model(**batch).loss\ntorch.OutOfMemoryError: CUDA out of memory.\n")
-        (run / f"rank-{rank:03d}.log").write_text(data)
+        RunPaths(run).rank_log(rank).write_text(data)
         total += len(data)
     (run / "done").write_text("")
     return total
@@ -68,7 +68,7 @@ def triage(out: Path, quick: bool) -> dict:
     for lines in sizes:
         run = out / "logs" / f"lines{lines}"
         nbytes = write_logs(run, lines)
-        files = sorted(str(p) for p in run.glob("rank-*.log"))
+        files = [str(p) for _, p in RunPaths(run).rank_logs()]
         hp = [PY, "-m", "hpcft.cli", "logs", str(run), "--failure-only"]
         grep = ["grep", "-l", "Traceback", *files]
         timed_rss(grep)  # page cache warm for both
@@ -80,7 +80,7 @@ def triage(out: Path, quick: bool) -> dict:
             t_h.append(t)
             rss_h = max(rss_h, rss)
             t, rss, text = timed_rss(grep)
-            if f"rank-{FAILING}.log" not in text:
+            if RunPaths(run).rank_log(FAILING).name not in text:
                 raise RuntimeError(f"grep did not find rank {FAILING}: {text[-500:]}")
             t_g.append(t)
             rss_g = max(rss_g, rss)

@@ -11,8 +11,12 @@ import json
 import os
 import sys
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+
+from bench.common import bench_config
 
 
 def live_tensor_bytes(model: torch.nn.Module | None = None) -> int:
@@ -47,33 +51,25 @@ def main() -> None:
     out, model_dir, data, strategy, sharding, precision = sys.argv[1:7]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hpcft.distenv import collect_dist_env
-    from hpcft.train.config import TrainConfig
-    from hpcft.train.data import load_splits, make_loader
+    from hpcft.paths import RunPaths
     from hpcft.train.dist import setup_distributed
-    from hpcft.train.loop import _to
-    from hpcft.train.model import block_classes, load_model, load_tokenizer
-    from hpcft.train.parallel import apply_strategy
-    from hpcft.train.precision import resolve_precision
+    from hpcft.train.loop import to_device
+    from hpcft.train.session import build_data, build_session
 
-    cfg = TrainConfig(model_name=model_dir, data_path=data, dataset="samsum", strategy=strategy,
-                      sharding_strategy=sharding, context_length=512, batch_size_training=4,
-                      batching_strategy="packing", run_validation=False, precision=precision)
+    cfg = bench_config(model_dir, data, strategy=strategy, sharding_strategy=sharding, precision=precision,
+                       max_train_step=10, resume="never")
     rt = setup_distributed(collect_dist_env(), timeout_s=300)
-    tok = load_tokenizer(cfg)
-    splits = load_splits(cfg, tok)
-    loader = make_loader(splits.train, batch_size=4, rank=rt.env.rank, world_size=rt.env.world_size, shuffle=True,
-                         seed=0, pad_id=tok.pad_token_id, num_workers=0)
+    data_ = build_data(cfg, rt)
     baseline = live_tensor_bytes()  # before the model: data set tensors, rotary tables of nothing yet
-    model = load_model(cfg, seq2seq=False, dtype=resolve_precision(precision).param_dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=10, blocks=block_classes(model))
-    del model
-    it = iter(loader)
+    session = build_session(cfg, rt, RunPaths(Path(out).parent / "memory-run"), data=data_)
+    engine, n_params = session.engine, session.n_params
+    del session
+    it = iter(data_.train_loader)
     census = 0
     for step in range(2):
         batch = next(it)
         with engine.autocast():
-            loss = engine.model(**_to(batch, rt.device)).loss
+            loss = engine.model(**to_device(batch, rt.device)).loss
         engine.backward(loss, boundary=True)
         del loss
         if step == 1:

@@ -12,40 +12,37 @@ import os
 import sys
 import time
 
+from pathlib import Path
+
 import torch
+
+from bench.common import bench_config
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def step_profile(model_dir: str, data: str, precision: str) -> dict:
+def step_profile(model_dir: str, data: str, precision: str, out: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from hpcft.distenv import DistEnv
-    from hpcft.train.config import TrainConfig
-    from hpcft.train.data import load_splits, make_loader
-    from hpcft.train.dist import Runtime
-    from hpcft.train.loop import _to
-    from hpcft.train.model import block_classes, load_model, load_tokenizer
-    from hpcft.train.parallel import apply_strategy
-    from hpcft.train.precision import resolve_precision
+    from hpcft.paths import RunPaths
+    from hpcft.train.dist import setup_distributed
+    from hpcft.train.loop import to_device
+    from hpcft.train.session import build_session
 
     torch.set_num_threads(1)
-    cfg = TrainConfig(model_name=model_dir, data_path=data, dataset="samsum", context_length=512,
-                      batch_size_training=4, batching_strategy="packing", run_validation=False, precision=precision)
-    rt = Runtime(env=DistEnv(), device=torch.device("cpu"), backend="gloo")
-    tok = load_tokenizer(cfg)
-    loader = make_loader(load_splits(cfg, tok).train, batch_size=4, rank=0, world_size=1, shuffle=True, seed=0,
-                         pad_id=tok.pad_token_id, num_workers=0)
-    model = load_model(cfg, seq2seq=False, dtype=resolve_precision(precision).param_dtype)
-    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=10, blocks=block_classes(model))
-    it = iter(loader)
+    rt = setup_distributed(DistEnv(), timeout_s=300)
+    s = build_session(bench_config(model_dir, data, precision=precision, max_train_step=10), rt,
+                      RunPaths(Path(out).parent / "profile-run"))
+    engine = s.engine
+    it = iter(s.data.train_loader)
 
     def step():
         batch = next(it)
         with engine.autocast():
-            loss = engine.model(**_to(batch, rt.device)).loss
+            loss = engine.model(**to_device(batch, rt.device)).loss
         engine.backward(loss, boundary=True)
         engine.step()
 
@@ -89,4 +86,4 @@ if __name__ == "__main__":
                 json.dump({"floats": int(sys.argv[2]), "seconds": seconds}, f)
     else:
         with open(sys.argv[4], "w") as f:
-            json.dump(step_profile(*sys.argv[1:4]), f)
+            json.dump(step_profile(*sys.argv[1:5]), f)

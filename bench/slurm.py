@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from bench.common import PY, ROOT, Setup, env_for, read_hpcft
+from hpcft.distenv import RUN_DIR_VAR
+from hpcft.paths import RunPaths
 
 HAND_WRITTEN = """#!/bin/bash
 #SBATCH --job-name={name}
@@ -19,7 +21,7 @@ HAND_WRITTEN = """#!/bin/bash
 #SBATCH --cpus-per-task={cpus}
 #SBATCH --time=00:20:00
 #SBATCH --output={out}/slurm-%j.out
-export HPCFT_RUN_DIR={out}/run
+export {run_dir_var}={out}/run
 export OMP_NUM_THREADS={threads}
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 srun {torchrun} --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node={gpus} --rdzv-backend=c10d \\
@@ -60,12 +62,12 @@ def via_sbatch(setup: Setup, name: str, *, nodes: int, gpus: int, **train) -> di
     out.mkdir(parents=True)
     script = out / "hand.sbatch"
     script.write_text(HAND_WRITTEN.format(
-        name=name, nodes=nodes, gpus=gpus, cpus=gpus, threads=1, out=out, torchrun=str(Path(PY).with_name("torchrun")),
+        name=name, nodes=nodes, gpus=gpus, cpus=gpus, threads=1, out=out, run_dir_var=RUN_DIR_VAR, torchrun=str(Path(PY).with_name("torchrun")),
         flags=" ".join(shlex.quote(f) for f in setup.train_flags(**train))))
     t0 = time.time()
     proc = subprocess.run(["sbatch", "--wait", str(script)], cwd=ROOT, env=env_for(1), capture_output=True, text=True,
                           timeout=1200)
-    if proc.returncode != 0 or not (out / "run" / "summary.json").exists():
+    if proc.returncode != 0 or not RunPaths(out / "run").summary.exists():
         logs = "".join(p.read_text()[-2000:] for p in out.glob("slurm-*.out"))
         raise RuntimeError(f"sbatch {script} failed ({proc.returncode}): {proc.stderr[-1000:]}\n{logs}")
     result = read_hpcft(out / "run", setup.warmup)

@@ -1,6 +1,7 @@
-"""One environment table: SLURM_* and torchrun variables -> SlurmEnv / DistEnv / Rendezvous.
+"""One environment table: SLURM_* and torchrun variables -> SlurmEnv / DistEnv / Rendezvous, and
+the HPCFT_* variables hpcft itself sets and reads.
 
-Nothing else in hpcft reads these variables; everything else takes the dataclasses built here.
+Nothing else in hpcft spells these names; everything else takes the dataclasses and constants here.
 """
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ TORCHRUN_TABLE: dict[str, tuple[str, ...]] = {
     "group_rank": ("GROUP_RANK",),
     "master_addr": ("MASTER_ADDR",),
     "master_port": ("MASTER_PORT",),
+}
+
+# hpcft's own variables: name -> meaning. The constants below are how code refers to them.
+RUN_DIR_VAR = "HPCFT_RUN_DIR"
+RDZV_PORT_VAR = "HPCFT_RDZV_PORT"
+PYTHON_VAR = "HPCFT_PYTHON"
+FAULT_SAVE_DELAY_VAR = "HPCFT_FAULT_SAVE_DELAY"
+HPCFT_TABLE: dict[str, str] = {
+    RUN_DIR_VAR: "the run directory; set by every hpcft launch path, read by the node launcher, rankrun "
+                 "(per-rank logs) and the entrypoint (metrics, checkpoints, model)",
+    RDZV_PORT_VAR: "a fixed rendezvous port (launch.rdzv_port); unset: derived from the job id",
+    PYTHON_VAR: "the interpreter that submitted the job; the batch script runs ranks with it",
+    FAULT_SAVE_DELAY_VAR: "fault injection for tests, STEP:SECONDS: every checkpoint from STEP on pauses "
+                          "half-written for SECONDS",
 }
 
 PORT_BASE, PORT_SPAN = 20000, 20000

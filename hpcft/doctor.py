@@ -8,15 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from hpcft.distenv import collect_dist_env
-from hpcft.paths import RUN_DIR_ENV
+from hpcft.distenv import RUN_DIR_VAR, collect_dist_env
 from hpcft.train.dist import cleanup, print0, setup_distributed
 from hpcft.train.preflight import PreflightError, preflight
 
 
 def main() -> int:
     rt = setup_distributed(collect_dist_env(), timeout_s=120)
-    run_dir = Path(os.environ.get(RUN_DIR_ENV, "runs/doctor"))
+    run_dir = Path(os.environ.get(RUN_DIR_VAR, "runs/doctor"))
     try:
         print0(rt, preflight(rt, run_dir))
     except PreflightError as exc:

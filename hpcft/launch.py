@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from hpcft.distenv import Rendezvous, SlurmEnv, collect_slurm_env, plan_rendezvous
+from hpcft.distenv import RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env, plan_rendezvous
 from hpcft.errors import SpecError
-from hpcft.paths import RUN_DIR_ENV, RunPaths
+from hpcft.paths import RunPaths
 
 SRUN_FLAGS = ("--kill-on-bad-exit=1", "--ntasks-per-node=1")
 
@@ -67,7 +67,7 @@ def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
     """Replace this process with torchrun for this node (never returns)."""
     base = dict(os.environ if env is None else env)
     slurm = collect_slurm_env(base)
-    port = int(base["HPCFT_RDZV_PORT"]) if base.get("HPCFT_RDZV_PORT") else None
+    port = int(base[RDZV_PORT_VAR]) if base.get(RDZV_PORT_VAR) else None
     cuda, devices = node_gpus()
     rdzv = plan_rendezvous(slurm, cuda_devices=devices, port=port)
     child_env = node_env(slurm, rdzv, base, cuda=cuda)
@@ -101,10 +101,10 @@ def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: 
     if not slurm.in_job:
         raise SpecError("SLURM_JOB_ID", "unset: not inside a Slurm allocation; start one with "
                                         "salloc --nodes=2 --gpus-per-node=4, or use hpcft submit")
-    if RUN_DIR_ENV not in base:
-        base[RUN_DIR_ENV] = str(RunPaths.for_job(Path(output_dir).resolve(), name, slurm.job_id or "0").run_dir)
-    Path(base[RUN_DIR_ENV]).mkdir(parents=True, exist_ok=True)
-    print(f"hpcft launch: run directory {base[RUN_DIR_ENV]}", flush=True)
+    if RUN_DIR_VAR not in base:
+        base[RUN_DIR_VAR] = str(RunPaths.for_job(Path(output_dir).resolve(), name, slurm.job_id or "0").run_dir)
+    Path(base[RUN_DIR_VAR]).mkdir(parents=True, exist_ok=True)
+    print(f"hpcft launch: run directory {base[RUN_DIR_VAR]}", flush=True)
     argv = srun_argv(slurm, command)
     os.execvpe(argv[0], argv, base)
 

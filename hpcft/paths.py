@@ -1,15 +1,26 @@
-"""The one owner of path names: run directory, per-rank logs, metrics, checkpoints, model.
+"""The one owner of path names: every file and directory hpcft writes or reads back.
 
-    runs/<job-name>/<job-id>/rank-000.log, rank-000.exit.json, metrics.jsonl, checkpoints/, model/
-    runs/slurm-<job-id>.out   (the batch script's own output, written by Slurm)
+    <output_dir>/slurm-<job-id>.out                 the batch script's own output (sbatch backend)
+    <output_dir>/<name>/submitit/<job-id>/          submitit's pickles and <job-id>_<task>_log.out/err
+    <output_dir>/<name>/<job-id>/                   the run directory (RunPaths):
+        rank-000.log, rank-000.exit.json, rank-000.pid, metrics.jsonl, summary.json, metrics.png,
+        train_config.json, requeue, .preflight/, tensorboard/, profiler/, model/ (model.tmp/ while written),
+        checkpoints/step-00000010/ (step-00000010.tmp/ while written; CheckpointPaths)
+Rank numbers are written with at least three digits everywhere (rank_tag).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-RUN_DIR_ENV = "HPCFT_RUN_DIR"  # set by the batch script / launcher; read by rankrun and the entrypoint
 REQUEUE_MARKER = "requeue"  # file name of RunPaths.requeue_marker, for the rendered batch script
+CHECKPOINT_PREFIX = "step-"
+TMP_SUFFIX = ".tmp"
+
+
+def rank_tag(rank: int) -> str:
+    """rank-NNN part of every per-rank file name (more digits past rank 999)."""
+    return f"rank-{rank:03d}"
 
 
 def job_dir(output_dir: str | Path, name: str) -> Path:
@@ -25,6 +36,49 @@ def slurm_output(output_dir: str | Path, job_id: str) -> Path:
     return Path(slurm_output_pattern(str(output_dir)).replace("%j", str(job_id)))
 
 
+def submitit_folder(output_dir: str | Path, name: str) -> Path:
+    """submitit's folder pattern (%j: job id), beside the job's run directories."""
+    return job_dir(output_dir, name) / "submitit" / "%j"
+
+
+def local_run_dir(stamp: str) -> Path:
+    """Run directory of a run started outside any hpcft launch path (plain torchrun or python)."""
+    return Path("runs") / "local" / stamp
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    """One checkpoint directory (complete, or its .tmp sibling while it is being written)."""
+
+    dir: Path
+    zero_tag = "zero"  # DeepSpeed's own checkpoint goes to <dir>/zero/
+
+    @property
+    def state(self) -> Path:
+        """trainer_state.json: step, epoch, batches consumed; written last, so its presence means complete."""
+        return self.dir / "trainer_state.json"
+
+    @property
+    def dcp(self) -> Path:
+        return self.dir / "dcp"
+
+    @property
+    def engine_extra(self) -> Path:
+        """Scheduler and loss-scaler state of torch engines."""
+        return self.dir / "engine.pt"
+
+    def rng(self, rank: int) -> Path:
+        return self.dir / f"rng-{rank_tag(rank)}.pt"
+
+    @property
+    def step(self) -> int:
+        return int(self.dir.name[len(CHECKPOINT_PREFIX):].removesuffix(TMP_SUFFIX))
+
+    @property
+    def tmp(self) -> "CheckpointPaths":
+        return CheckpointPaths(self.dir.with_name(self.dir.name + TMP_SUFFIX))
+
+
 @dataclass(frozen=True)
 class RunPaths:
     run_dir: Path
@@ -34,30 +88,52 @@ class RunPaths:
         return cls(job_dir(output_dir, name) / str(job_id))
 
     def rank_log(self, rank: int) -> Path:
-        return self.run_dir / f"rank-{rank:03d}.log"
+        return self.run_dir / f"{rank_tag(rank)}.log"
 
     def rank_exit(self, rank: int) -> Path:
-        return self.run_dir / f"rank-{rank:03d}.exit.json"
+        return self.run_dir / f"{rank_tag(rank)}.exit.json"
+
+    def rank_pid(self, rank: int) -> Path:
+        return self.run_dir / f"{rank_tag(rank)}.pid"
+
+    def rank_exits(self) -> list[Path]:
+        return sorted(self.run_dir.glob("rank-*.exit.json"))
+
+    def preflight_probe(self, rank: int) -> Path:
+        """The file each rank writes to show the run directory is shared and writable."""
+        return self.run_dir / ".preflight" / rank_tag(rank)
 
     @property
     def metrics(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
     @property
+    def metrics_plot(self) -> Path:
+        return self.run_dir / "metrics.png"
+
+    @property
     def summary(self) -> Path:
         return self.run_dir / "summary.json"
 
     @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def train_config(self) -> Path:
+        return self.run_dir / "train_config.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.run_dir / "tensorboard"
+
+    @property
+    def profiler(self) -> Path:
+        return self.run_dir / "profiler"
 
     @property
     def model(self) -> Path:
         return self.run_dir / "model"
 
     @property
-    def spec(self) -> Path:
-        return self.run_dir / "spec.yaml"
+    def model_tmp(self) -> Path:
+        return self.run_dir / ("model" + TMP_SUFFIX)
 
     @property
     def requeue_marker(self) -> Path:
@@ -65,12 +141,34 @@ class RunPaths:
         requeues the job when it finds it."""
         return self.run_dir / REQUEUE_MARKER
 
-    def rank_pid(self, rank: int) -> Path:
-        return self.run_dir / f"rank-{rank:03d}.pid"
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint(self, step: int) -> CheckpointPaths:
+        return CheckpointPaths(self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}")
+
+    def checkpoint_dirs(self) -> list[CheckpointPaths]:
+        """Checkpoint directories that are not being written (complete ones also have their state file)."""
+        return [CheckpointPaths(p) for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*")
+                if not p.name.endswith(TMP_SUFFIX)]
+
+    def sibling_runs(self) -> list["RunPaths"]:
+        """Every run directory of the same job name (this one included)."""
+        return [RunPaths(p) for p in self.run_dir.parent.glob("*") if p.is_dir()]
 
     @property
     def submitit(self) -> Path:
-        return self.run_dir / "submitit"
+        """Where submitit writes this job's pickles and task logs (see submitit_folder)."""
+        return self.run_dir.parent / "submitit" / self.run_dir.name
+
+    def submitit_log(self, task: int = 0) -> Path:
+        return self.submitit / f"{self.run_dir.name}_{task}_log.out"
+
+    def job_output(self, output_dir: str | Path) -> Path:
+        """The job's own output: sbatch's slurm-<id>.out, or submitit's first task log."""
+        sbatch = slurm_output(output_dir, self.run_dir.name)
+        return sbatch if sbatch.exists() or not self.submitit_log().exists() else self.submitit_log()
 
     def rank_logs(self) -> list[tuple[int, Path]]:
         out = []

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from hpcft.distenv import collect_dist_env
-from hpcft.paths import RUN_DIR_ENV, RunPaths
+from hpcft.distenv import RUN_DIR_VAR, collect_dist_env
+from hpcft.paths import RunPaths
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m hpcft.rankrun <-m module | script.py | program> [args...]", file=sys.stderr)
         return 2
     dist = collect_dist_env()
-    run_dir = os.environ.get(RUN_DIR_ENV)
+    run_dir = os.environ.get(RUN_DIR_VAR)
     if not run_dir:
         os.execvp(child_argv(command)[0], child_argv(command))
     paths = RunPaths(Path(run_dir))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import shlex
 
 from hpcft.launch import SRUN_FLAGS
-from hpcft.paths import REQUEUE_MARKER, RUN_DIR_ENV, job_dir, slurm_output_pattern
+from hpcft.distenv import PYTHON_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
+from hpcft.paths import REQUEUE_MARKER, job_dir, slurm_output_pattern
 from hpcft.spec import JobSpec
 
-PYTHON = '"${HPCFT_PYTHON:-python3}"'  # hpcft submit sets HPCFT_PYTHON to its own interpreter
+PYTHON = f'"${{{PYTHON_VAR}:-python3}}"'  # hpcft submit sets it to its own interpreter
 TRAIN_MODULE = ("-m", "hpcft.train")
 
 
@@ -79,14 +80,14 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         lines += list(spec.launch.setup)
     lines += ["set -u", ""]
     run_dir = shlex.quote(str(job_dir(spec.output_dir, spec.name)))
-    lines.append(f'export {RUN_DIR_ENV}={run_dir}/"$SLURM_JOB_ID"')
+    lines.append(f'export {RUN_DIR_VAR}={run_dir}/"$SLURM_JOB_ID"')
     if spec.launch.rdzv_port is not None:
-        lines.append(f"export HPCFT_RDZV_PORT={spec.launch.rdzv_port}")
+        lines.append(f"export {RDZV_PORT_VAR}={spec.launch.rdzv_port}")
     for name in sorted(spec.env):
         lines.append(f"export {name}={_quote_value(spec.env[name])}")
     lines += [
-        f'mkdir -p "${RUN_DIR_ENV}"',
-        f'echo "hpcft: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, run directory ${RUN_DIR_ENV}"',
+        f'mkdir -p "${RUN_DIR_VAR}"',
+        f'echo "hpcft: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, run directory ${RUN_DIR_VAR}"',
         "",
         "# One launcher per node; it starts torchrun with one rank per GPU (per granted GPU on CPU nodes).",
     ]
@@ -98,8 +99,8 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         lines += [
             "",
             "# Ranks stopped at a checkpoint on Slurm's warning signal: run again from there.",
-            f'if [ -f "${RUN_DIR_ENV}/{REQUEUE_MARKER}" ]; then',
-            f'  rm -f "${RUN_DIR_ENV}/{REQUEUE_MARKER}"',
+            f'if [ -f "${RUN_DIR_VAR}/{REQUEUE_MARKER}" ]; then',
+            f'  rm -f "${RUN_DIR_VAR}/{REQUEUE_MARKER}"',
             '  echo "hpcft: checkpointed before the time limit; requeueing job $SLURM_JOB_ID"',
             '  scontrol requeue "$SLURM_JOB_ID"',
             "fi",

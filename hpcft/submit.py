@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpcft.distenv import PYTHON_VAR
 from hpcft.errors import SpecError
 from hpcft.paths import job_dir, slurm_output
 from hpcft.render import entry_command, gpu_request, render_sbatch
@@ -107,7 +108,7 @@ def _mem_mb(mem: str) -> int:
 
 def sbatch_env() -> dict[str, str]:
     # The job runs ranks with the interpreter that submitted it, even without an activated venv.
-    return dict(os.environ, HPCFT_PYTHON=sys.executable)
+    return {**os.environ, PYTHON_VAR: sys.executable}
 
 
 def submit_sbatch(spec: JobSpec, script: str) -> Submitted:

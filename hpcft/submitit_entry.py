@@ -5,7 +5,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from hpcft.paths import RUN_DIR_ENV
+from hpcft.distenv import RDZV_PORT_VAR, RUN_DIR_VAR
 
 
 @dataclass
@@ -20,10 +20,10 @@ class NodeTask:
 
         job_id = os.environ["SLURM_JOB_ID"]
         env = dict(os.environ, **self.env)
-        env[RUN_DIR_ENV] = os.path.join(self.job_dir, job_id)
+        env[RUN_DIR_VAR] = os.path.join(self.job_dir, job_id)
         if self.rdzv_port is not None:
-            env["HPCFT_RDZV_PORT"] = str(self.rdzv_port)
-        os.makedirs(env[RUN_DIR_ENV], exist_ok=True)
+            env[RDZV_PORT_VAR] = str(self.rdzv_port)
+        os.makedirs(env[RUN_DIR_VAR], exist_ok=True)
         rc = subprocess.call([sys.executable, "-m", "hpcft.launch", "--node", "--", *self.command], env=env)
         if rc != 0:
             raise RuntimeError(f"node launcher exited with status {rc}; see hpcft logs {job_id}")

@@ -4,9 +4,9 @@
     <run>/checkpoints/step-00000010/       complete: renamed from .tmp only after every rank finished
         dcp/ or zero/          engine state (torch.distributed.checkpoint, or DeepSpeed's own)
         engine.pt              scheduler / loss-scaler state (torch engines)
-        rng-rank-00000.pt      each rank's RNG state
+        rng-rank-000.pt        each rank's RNG state
         trainer_state.json     step, epoch, batches consumed in that epoch
-A crash mid-save never touches the previous complete checkpoint.
+(names from hpcft.paths.CheckpointPaths). A crash mid-save never touches the previous complete checkpoint.
 """
 from __future__ import annotations
 
@@ -21,14 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hpcft.distenv import FAULT_SAVE_DELAY_VAR
 from hpcft.errors import SpecError
-from hpcft.paths import RunPaths
+from hpcft.paths import CheckpointPaths, RunPaths
 from hpcft.train.dist import Runtime, barrier
-
-STATE_FILE = "trainer_state.json"
-# Fault injection for the atomicity test: "STEP:SECONDS" pauses every save from STEP on while the
-# checkpoint is half-written (shards on disk, not yet renamed), so a test can kill the job there.
-FAULT_DELAY_ENV = "HPCFT_FAULT_SAVE_DELAY"
 
 
 @dataclass
@@ -38,12 +34,8 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches of that epoch already consumed
 
 
-def step_dir(paths: RunPaths, step: int) -> Path:
-    return paths.checkpoints / f"step-{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    return [p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
+def complete_checkpoints(paths: RunPaths) -> list[CheckpointPaths]:
+    return [c for c in paths.checkpoint_dirs() if c.state.is_file()]
 
 
 def _rng_state() -> dict:
@@ -66,31 +58,33 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *, keep: int) -> Path:
-    final = step_dir(paths, state.step)
-    tmp = final.with_name(final.name + ".tmp")
+    final = paths.checkpoint(state.step)
+    tmp = final.tmp
     if rt.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        shutil.rmtree(tmp.dir, ignore_errors=True)
+        tmp.dir.mkdir(parents=True)
     barrier(rt)
     engine.save(tmp, is_main=rt.is_main)
-    torch.save(_rng_state(), tmp / f"rng-rank-{rt.env.rank:05d}.pt")
+    torch.save(_rng_state(), tmp.rng(rt.env.rank))
     _fault_delay(state.step)
     barrier(rt)  # every rank's shards are on disk before the checkpoint is declared complete
     if rt.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        for old in sorted(complete_checkpoints(paths.checkpoints), key=_step_of)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        tmp.state.write_text(json.dumps(asdict(state)) + "\n")
+        _fsync_dir(tmp.dir)
+        if final.dir.exists():
+            shutil.rmtree(final.dir)
+        os.replace(tmp.dir, final.dir)
+        _fsync_dir(final.dir.parent)
+        for old in sorted(complete_checkpoints(paths), key=lambda c: c.step)[:-keep]:
+            shutil.rmtree(old.dir, ignore_errors=True)
     barrier(rt)
-    return final
+    return final.dir
 
 
 def _fault_delay(step: int) -> None:
-    spec = os.environ.get(FAULT_DELAY_ENV)
+    """Fault injection for the atomicity test: STEP:SECONDS pauses every save from STEP on while the
+    checkpoint is half-written (shards on disk, not yet renamed), so a test can kill the job there."""
+    spec = os.environ.get(FAULT_SAVE_DELAY_VAR)
     if spec:
         from_step, seconds = spec.split(":")
         if step >= int(from_step):
@@ -105,26 +99,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[1])
-
-
 def find_resume(resume: str, paths: RunPaths) -> Path | None:
     """auto: the newest complete checkpoint of this run directory (a requeued or restarted job);
     latest: of any run of this job name (<output_dir>/<name>/*/checkpoints); never; or a path."""
     if resume == "never":
         return None
     if resume not in ("auto", "latest"):
-        p = Path(resume)
-        if not (p / STATE_FILE).is_file():
-            raise SpecError("train.resume", f"{resume} is not a complete checkpoint (no {STATE_FILE}); "
+        given = CheckpointPaths(Path(resume))
+        if not given.state.is_file():
+            raise SpecError("train.resume", f"{resume} is not a complete checkpoint (no {given.state.name}); "
                                             "use auto, latest, never, or a checkpoints/step-N directory")
-        return p
-    runs = [paths.run_dir] if resume == "auto" else [r for r in paths.run_dir.parent.glob("*") if r.is_dir()]
-    found = [c for run in runs for c in complete_checkpoints(run / "checkpoints")]
+        return given.dir
+    runs = [paths] if resume == "auto" else paths.sibling_runs()
+    found = [c for run in runs for c in complete_checkpoints(run)]
     if not found:
         return None
-    return max(found, key=lambda p: (_step_of(p), p.stat().st_mtime))
+    return max(found, key=lambda c: (c.step, c.dir.stat().st_mtime)).dir
 
 
 def agree_on_resume(resume: str, paths: RunPaths, rt: Runtime) -> Path | None:
@@ -136,8 +126,9 @@ def agree_on_resume(resume: str, paths: RunPaths, rt: Runtime) -> Path | None:
 
 
 def load_checkpoint(engine, path: Path, rt: Runtime) -> TrainerState:
-    engine.load(path)
-    rng = path / f"rng-rank-{rt.env.rank:05d}.pt"
+    ckpt = CheckpointPaths(path)
+    engine.load(ckpt)
+    rng = ckpt.rng(rt.env.rank)
     if rng.exists():  # absent when resuming on more ranks than saved (resharding): keep the seed's RNG
         _set_rng_state(torch.load(rng, weights_only=False))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return TrainerState(**json.loads(ckpt.state.read_text()))

@@ -4,13 +4,13 @@ checkpoint, full_state_dict() for export."""
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import ContextManager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpcft.paths import CheckpointPaths
 from hpcft.train.precision import Precision
 
 
@@ -61,26 +61,26 @@ class TorchEngine:
 
         return StateDictOptions(ignore_frozen_params=self.peft, **kw)
 
-    def save(self, directory: Path, *, is_main: bool) -> None:
+    def save(self, ckpt: CheckpointPaths, *, is_main: bool) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer, options=self._options())
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / "dcp"))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt.dcp))
         if is_main:
             extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
-            torch.save(extra, directory / "engine.pt")
+            torch.save(extra, ckpt.engine_extra)
 
-    def load(self, directory: Path) -> None:
+    def load(self, ckpt: CheckpointPaths) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(directory / "dcp"))
+        dcp.load(state, checkpoint_id=str(ckpt.dcp))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self._options())
-        extra = torch.load(directory / "engine.pt", weights_only=False)
+        extra = torch.load(ckpt.engine_extra, weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler and extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
@@ -117,14 +117,14 @@ class ZeroEngine:
     def lr(self) -> float:
         return self.model.get_lr()[0]
 
-    def save(self, directory: Path, *, is_main: bool) -> None:
-        self.model.save_checkpoint(str(directory), tag="zero")
+    def save(self, ckpt: CheckpointPaths, *, is_main: bool) -> None:
+        self.model.save_checkpoint(str(ckpt.dir), tag=ckpt.zero_tag)
 
-    def load(self, directory: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(directory), tag="zero", load_optimizer_states=True,
+    def load(self, ckpt: CheckpointPaths) -> None:
+        path, _ = self.model.load_checkpoint(str(ckpt.dir), tag=ckpt.zero_tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt.dir}")
 
     def full_state_dict(self) -> dict | None:
         import deepspeed

@@ -16,7 +16,7 @@ from hpcft.train.dist import Runtime, all_reduce_max, all_reduce_sum
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -45,7 +45,7 @@ def evaluate(engine, loader, rt: Runtime, *, max_steps: int = 0, seq2seq: bool =
         spare = batch
         n = predicted_tokens(batch["labels"], seq2seq=seq2seq)
         with engine.autocast():
-            loss = engine.model(**_to(batch, rt.device)).loss
+            loss = engine.model(**to_device(batch, rt.device)).loss
         if n:
             loss_sum += float(loss) * n
             tokens += n
@@ -79,6 +79,7 @@ class FlopsModel:
     n_layers: int
     hidden: int
     peak_per_rank: float  # FLOP/s
+    peak_source: str = "given"  # where the peak came from (GPU name, measured on CPU, peak_tflops)
 
     def batch_flops(self, tokens: int, seq_len: int) -> float:
         return tokens * (6.0 * self.n_params + 12.0 * self.n_layers * self.hidden * seq_len)
@@ -109,7 +110,7 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
             window["useful"] += int((batch["labels"] != -100).sum())
             window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
             with engine.autocast():
-                loss = engine.model(**_to(batch, rt.device)).loss
+                loss = engine.model(**to_device(batch, rt.device)).loss
             engine.backward(loss, boundary=boundary)
             window["loss"] += loss.detach().float() / accum
             if not boundary:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hpcft.distenv import collect_slurm_env
+from hpcft.paths import RunPaths
 
 
 class PreflightError(RuntimeError):
@@ -84,7 +85,7 @@ def check_run_dir(facts: list[RankFacts], run_dir: Path) -> None:
 
 def _write_probe(run_dir: Path, rank: int) -> str:
     try:
-        probe = run_dir / ".preflight" / f"rank-{rank:05d}"
+        probe = RunPaths(run_dir).preflight_probe(rank)
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text(socket.gethostname())
         return str(probe)

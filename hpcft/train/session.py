@@ -1,0 +1,103 @@
+"""Build everything a training run holds, in one place: tokenizer, data, loaders, model, engine, and
+the state to resume from. The steps that use it (train, evaluate, export, summarize) are in
+hpcft.train.run; benchmarks build the same Session to measure what users run.
+
+    session = build_session(cfg, rt, RunPaths(run_dir))
+    session.engine.backward(...); session.engine.step()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from hpcft.paths import RunPaths
+from hpcft.train.checkpoint import TrainerState, agree_on_resume, load_checkpoint
+from hpcft.train.config import TrainConfig
+from hpcft.train.data import Splits, load_splits, make_eval_loader, make_loader
+from hpcft.train.dist import Runtime, print0
+from hpcft.train.flops import model_shape, peak_flops
+from hpcft.train.loop import FlopsModel, plan_steps
+from hpcft.train.model import (apply_activation_checkpointing, apply_lora, block_classes, count_params, is_seq2seq,
+                               load_model, load_tokenizer)
+from hpcft.train.parallel import apply_strategy
+from hpcft.train.precision import Precision, resolve_precision
+
+
+@dataclass
+class Data:
+    """Tokenized splits and this rank's loaders, and the step plan they give."""
+
+    tokenizer: object
+    splits: Splits
+    train_loader: DataLoader
+    eval_loader: DataLoader | None  # None when run_validation is off or there is no eval split
+    seq2seq: bool
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Session:
+    """What one rank trains with. Holds the process group through the engine: drop it before
+    destroying the group."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    paths: RunPaths
+    data: Data
+    precision: Precision
+    engine: object  # TorchEngine or ZeroEngine (hpcft.train.engine)
+    n_params: int
+    n_trainable: int
+    flops: FlopsModel
+    state: TrainerState  # where training starts: fresh, or loaded from resume_from
+    resume_from: Path | None
+
+
+def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
+    env = rt.env
+    seq2seq = is_seq2seq(cfg)
+    tokenizer = load_tokenizer(cfg)
+    splits = load_splits(cfg, tokenizer, seq2seq=seq2seq)
+    train_loader = make_loader(splits.train, batch_size=cfg.batch_size_training, shuffle=True, rank=env.rank,
+                               world_size=env.world_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
+                               num_workers=cfg.num_workers_dataloader)
+    eval_loader = (make_eval_loader(splits.eval, batch_size=cfg.val_batch_size, rank=env.rank,
+                                    world_size=env.world_size, pad_id=tokenizer.pad_token_id)
+                   if splits.eval is not None and cfg.run_validation else None)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_loader))
+    print0(rt, f"hpcft.train: {len(splits.train)} train examples ({splits.form}, {cfg.batching_strategy}), "
+               f"{steps_per_epoch} steps per epoch on {env.world_size} rank(s), {total_steps} steps in all")
+    return Data(tokenizer, splits, train_loader, eval_loader, seq2seq, steps_per_epoch, total_steps)
+
+
+def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data | None = None) -> Session:
+    """Data (unless given), model (LoRA, activation checkpointing), the strategy's engine, and the
+    checkpoint named by cfg.resume loaded into it."""
+    torch.manual_seed(cfg.seed)
+    data = data if data is not None else build_data(cfg, rt)
+    precision = resolve_precision(cfg.precision)
+    low_cpu = cfg.strategy == "fsdp" and cfg.low_cpu_fsdp and rt.env.distributed
+    model = load_model(cfg, seq2seq=data.seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main)
+    if cfg.use_peft:
+        model = apply_lora(model, cfg, seq2seq=data.seq2seq)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    n_params, n_trainable = count_params(model)
+    full_state = model.state_dict() if low_cpu and rt.is_main else None
+    n_layers, hidden = model_shape(model.config)
+    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=data.total_steps, blocks=block_classes(model),
+                            full_state=full_state)
+    del full_state, model
+    print0(rt, f"hpcft.train: {n_params:,} parameters, {n_trainable:,} trainable"
+               f"{' (LoRA r=%d)' % cfg.lora_r if cfg.use_peft else ''}")
+    resume_from = agree_on_resume(cfg.resume, paths, rt)
+    state = load_checkpoint(engine, resume_from, rt) if resume_from else TrainerState()
+    if resume_from:
+        print0(rt, f"hpcft.train: resumed from {resume_from} at step {state.step}")
+    peak, peak_source = peak_flops(cfg.peak_tflops, rt.device, precision.autocast_dtype or precision.param_dtype)
+    flops = FlopsModel(n_params, n_layers, hidden, peak, peak_source)
+    return Session(cfg, rt, paths, data, precision, engine, n_params, n_trainable, flops, state, resume_from)
