@@ -33,6 +33,8 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hpcft import commands
+
     p = argparse.ArgumentParser(prog="hpcft", description="Slurm-aware LLM fine-tuning.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -43,24 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=flag.upper())
     s.add_argument("--dry-run", action="store_true", help="print the script that would be submitted")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it failed")
+    s.set_defaults(func=commands.submit)
 
     la = sub.add_parser("launch", help="start all ranks inside an allocation (salloc / srun --pty)")
     la.add_argument("--output-dir", default="runs")
     la.add_argument("--name", default="interactive", help="run directory: <output-dir>/<name>/<job-id>")
+    la.set_defaults(func=commands.launch)
 
     d = sub.add_parser("doctor", help="preflight checks on every rank of the current allocation")
     d.add_argument("--output-dir", default="runs")
+    d.set_defaults(func=commands.doctor)
 
-    lg = sub.add_parser("logs", help="per-rank logs of a run, merged, and the first rank that failed")
+    lg = sub.add_parser("logs", help="the job's output, then every rank's log, and the first rank that failed")
     lg.add_argument("ref", help="job id or run directory")
     lg.add_argument("--output-dir", default="runs")
     lg.add_argument("--failure-only", action="store_true", help="only report the first failure")
+    lg.set_defaults(func=commands.logs)
 
     st = sub.add_parser("status", help="state of your jobs (squeue, then scontrol/sacct)")
     st.add_argument("job_ids", nargs="*")
+    st.set_defaults(func=commands.status)
 
     c = sub.add_parser("cancel", help="cancel jobs (scancel)")
     c.add_argument("job_ids", nargs="+")
+    c.set_defaults(func=commands.cancel)
 
     m = sub.add_parser("make-tiny-model", help="build a small Llama model + BPE tokenizer locally")
     m.add_argument("out_dir")
@@ -70,10 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--vocab-size", type=int, default=4096)
     m.add_argument("--corpus", nargs="*", default=None, help="JSONL files to train the tokenizer on")
+    m.set_defaults(func=commands.make_tiny)
     return p
 
 
+def _submit_overrides(args: argparse.Namespace) -> None:
+    """A spec argument that is really key=value, and the resource flags, become dotted overrides."""
+    overrides = list(args.overrides)
+    if args.spec and "=" in args.spec and not Path(args.spec).exists():
+        overrides.insert(0, args.spec)
+        args.spec = None
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    args.overrides = overrides
+
+
 def main(argv: list[str] | None = None) -> int:
+    from hpcft.jobs import SlurmUnavailable
+
     args_list, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args, extra = parser.parse_known_args(args_list)
@@ -82,71 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd != "submit" or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    if args.cmd == "submit":
+        _submit_overrides(args)
     try:
-        return COMMANDS[args.cmd](args, command)
-    except SpecError as exc:
+        return args.func(args, command)
+    except (SpecError, SlurmUnavailable) as exc:
         print(f"hpcft: error: {exc}", file=sys.stderr)
         return 2
 
-
-def cmd_submit(args: argparse.Namespace, command: list[str]) -> int:
-    from hpcft import commands
-
-    spec_path = args.spec
-    overrides = list(args.overrides)
-    if spec_path and "=" in spec_path and not Path(spec_path).exists():
-        overrides.insert(0, spec_path)
-        spec_path = None
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return commands.submit(spec_path, overrides, command, dry_run=args.dry_run, wait=args.wait)
-
-
-def cmd_launch(args: argparse.Namespace, command: list[str]) -> int:
-    from hpcft.launch import launch_in_allocation
-
-    if not command:
-        raise SpecError("command", "give what each rank runs after --, e.g. hpcft launch -- -m hpcft.train")
-    launch_in_allocation(command, output_dir=args.output_dir, name=args.name)
-    return 0
-
-
-def cmd_doctor(args: argparse.Namespace, _command: list[str]) -> int:
-    from hpcft.launch import launch_in_allocation
-
-    launch_in_allocation(["-m", "hpcft.doctor"], output_dir=args.output_dir, name="doctor")
-    return 0
-
-
-def cmd_logs(args: argparse.Namespace, _command: list[str]) -> int:
-    from hpcft import commands
-
-    return commands.logs(args.ref, args.output_dir, failure_only=args.failure_only)
-
-
-def cmd_status(args: argparse.Namespace, _command: list[str]) -> int:
-    from hpcft import commands
-
-    return commands.status(args.job_ids)
-
-
-def cmd_cancel(args: argparse.Namespace, _command: list[str]) -> int:
-    from hpcft import commands
-
-    return commands.cancel(args.job_ids)
-
-
-def cmd_make_tiny_model(args: argparse.Namespace, _command: list[str]) -> int:
-    from hpcft import commands
-
-    return commands.make_tiny(args.out_dir, arch=args.arch, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-                              vocab_size=args.vocab_size, corpus=args.corpus)
-
-
-COMMANDS = {"submit": cmd_submit, "launch": cmd_launch, "doctor": cmd_doctor, "logs": cmd_logs, "status": cmd_status,
-            "cancel": cmd_cancel, "make-tiny-model": cmd_make_tiny_model}
 
 if __name__ == "__main__":
     sys.exit(main())

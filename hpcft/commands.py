@@ -1,6 +1,8 @@
-"""What each CLI command does and prints (rich output); the work itself is in the modules."""
+"""What each CLI command does and prints (rich output); the work itself is in the modules. Each
+handler takes the parsed arguments and the words after `--`, and returns the exit status."""
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -17,13 +19,14 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
-def submit(spec_path: str | None, overrides: list[str], command: list[str], *, dry_run: bool, wait: bool) -> int:
+def submit(args: argparse.Namespace, command: list[str]) -> int:
     from hpcft.render import entry_command, render_sbatch
     from hpcft.spec import load_spec, resolve_paths
     from hpcft.submit import SubmitError
     from hpcft.submit import submit as do_submit
 
-    spec = load_spec(spec_path, overrides)
+    spec_path, dry_run, wait = args.spec, args.dry_run, args.wait
+    spec = load_spec(spec_path, args.overrides)
     if command:
         spec = spec.replace(launch=spec.launch.__class__(**{**spec.launch.__dict__, "command": tuple(command)}))
     spec = resolve_paths(spec, Path.cwd())
@@ -56,7 +59,7 @@ def submit(spec_path: str | None, overrides: list[str], command: list[str], *, d
     state = info.state if info else "UNKNOWN"
     console.print(f"job {sub.job_id}: {state}")
     if state != "COMPLETED":
-        logs(str(sub.run_dir), spec.output_dir, failure_only=True)
+        show_logs(str(sub.run_dir), spec.output_dir, failure_only=True)
         return 1
     summary = RunPaths(sub.run_dir).summary
     if summary.exists():
@@ -64,8 +67,13 @@ def submit(spec_path: str | None, overrides: list[str], command: list[str], *, d
     return 0
 
 
-def logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
-    from hpcft.logs import first_failure, merged_lines
+def logs(args: argparse.Namespace, _command: list[str]) -> int:
+    return show_logs(args.ref, args.output_dir, failure_only=args.failure_only)
+
+
+def show_logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
+    """The job's own output, every rank's log, then the first rank that failed (exit 1 if one did)."""
+    from hpcft.logs import first_failure, rank_by_rank_lines
 
     run_dir = find_run_dir(ref, output_dir)
     if run_dir is None:
@@ -73,10 +81,14 @@ def logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
                                "pass a run directory or --output-dir")
     paths = RunPaths(run_dir)
     if not failure_only:
-        out = Path(output_dir) / "slurm-{}.out".format(run_dir.name)
+        out = paths.job_output(output_dir)
         if out.exists():
             console.print(f"[dim]== job output {out}[/]")
-        for line in merged_lines(paths):
+            with out.open(errors="replace") as f:
+                for line in f:
+                    print(line.rstrip("\n"))
+            console.print(f"[dim]== rank logs {run_dir}[/]")
+        for line in rank_by_rank_lines(paths):
             print(line)
     failure = first_failure(paths)
     if failure is None:
@@ -88,7 +100,8 @@ def logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
     return 1
 
 
-def status(job_ids: list[str]) -> int:
+def status(args: argparse.Namespace, _command: list[str]) -> int:
+    job_ids = args.job_ids
     rows = jobs.queue(job_ids or None)
     found = {r.job_id for r in rows}
     for jid in job_ids:
@@ -110,7 +123,8 @@ def status(job_ids: list[str]) -> int:
     return 0 if rows or not job_ids else 1
 
 
-def cancel(job_ids: list[str]) -> int:
+def cancel(args: argparse.Namespace, _command: list[str]) -> int:
+    job_ids = args.job_ids
     proc = jobs.cancel(job_ids)
     if proc.returncode != 0:
         err.print(f"hpcft: scancel failed: {proc.stderr.strip()}")
@@ -119,9 +133,26 @@ def cancel(job_ids: list[str]) -> int:
     return 0
 
 
-def make_tiny(out_dir: str, *, arch: str, hidden_size: int, layers: int, heads: int, vocab_size: int,
-              corpus: list[str] | None) -> int:
+def launch(args: argparse.Namespace, command: list[str]) -> int:
+    from hpcft.launch import launch_in_allocation
+
+    if not command:
+        raise SpecError("command", "give what each rank runs after --, e.g. hpcft launch -- -m hpcft.train")
+    launch_in_allocation(command, output_dir=args.output_dir, name=args.name)
+    return 0
+
+
+def doctor(args: argparse.Namespace, _command: list[str]) -> int:
+    from hpcft.launch import launch_in_allocation
+
+    launch_in_allocation(["-m", "hpcft.doctor"], output_dir=args.output_dir, name="doctor")
+    return 0
+
+
+def make_tiny(args: argparse.Namespace, _command: list[str]) -> int:
     from hpcft.tiny import count_parameters, make_tiny_model
+
+    out_dir, arch, hidden_size, heads, corpus = args.out_dir, args.arch, args.hidden_size, args.heads, args.corpus
 
     if hidden_size % heads:
         raise SpecError("--hidden-size", f"must be a multiple of --heads ({heads}); got {hidden_size}")
@@ -130,8 +161,8 @@ def make_tiny(out_dir: str, *, arch: str, hidden_size: int, layers: int, heads: 
     for f in files:
         if not Path(f).is_file():
             raise SpecError("--corpus", f"no such file {f}")
-    path = make_tiny_model(out_dir, corpus=files, vocab_size=vocab_size, hidden_size=hidden_size,
-                           num_layers=layers, num_heads=heads, arch=arch)
+    path = make_tiny_model(out_dir, corpus=files, vocab_size=args.vocab_size, hidden_size=hidden_size,
+                           num_layers=args.layers, num_heads=heads, arch=arch)
     console.print(f"tiny {arch} model: {path} ({count_parameters(path):,} parameters; "
                   f"tokenizer from {len(files)} file(s))")
     return 0

@@ -90,6 +90,10 @@ def prompt_and_target(row: dict, fmt: str) -> tuple[str, str]:
     return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
 
 
+class TokenizerLoadError(ValueError):
+    """No tokenizer loads from the given directory; the message is the library's first line."""
+
+
 class FastCounter:
     """Token counts from a tokenizer.json through the `tokenizers` library: the same ids a transformers
     fast tokenizer gives, without importing transformers and torch (seconds on a login node)."""
@@ -97,7 +101,14 @@ class FastCounter:
     def __init__(self, tokenizer_json: Path):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        try:
+            self._tok = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:
+            # The Rust binding raises the bare Exception class for unreadable or malformed files;
+            # anything more specific (TypeError, AttributeError, ...) is a bug and propagates.
+            if type(exc) is not Exception:
+                raise
+            raise TokenizerLoadError(_first_line(exc)) from None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -111,4 +122,12 @@ def token_counter(directory: str):
         return FastCounter(tj)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:  # missing files, unknown tokenizer class, bad config
+        raise TokenizerLoadError(_first_line(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,11 +23,16 @@ class JobInfo:
     exit_code: str = ""
 
 
+class SlurmUnavailable(RuntimeError):
+    """A Slurm command is not installed here (not a login node)."""
+
+
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
-        raise SystemExit(f"hpcft: {argv[0]} not found; run on a Slurm login node (or: bash envs/local-cluster.sh up)")
+        raise SlurmUnavailable(f"{argv[0]} not found; run on a Slurm login node "
+                               "(or start the local cluster: bash envs/local-cluster.sh up)") from None
 
 
 def queue(job_ids: list[str] | None = None) -> list[JobInfo]:

@@ -109,7 +109,7 @@ def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: 
     os.execvpe(argv[0], argv, base)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     node = False
     if args and args[0] == "--node":
@@ -117,12 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] == "--":
         args = args[1:]
     if not args:
-        raise SystemExit("usage: python -m hpcft.launch [--node] -- <python args: -m module ... | script.py ...>")
+        print("usage: python -m hpcft.launch [--node] -- <python args: -m module ... | script.py ...>", file=sys.stderr)
+        return 2
     if node:
         run_node(args)
     else:
         launch_in_allocation(args)
+    return 0  # not reached: both exec
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

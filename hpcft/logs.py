@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterator
 
 from hpcft.paths import RunPaths
 
@@ -34,7 +34,7 @@ class Failure:
 
 def read_exits(paths: RunPaths) -> dict[int, RankExit]:
     out = {}
-    for p in paths.run_dir.glob("rank-*.exit.json"):
+    for p in paths.rank_exits():
         try:
             d = json.loads(p.read_text())
             out[int(d["rank"])] = RankExit(int(d["rank"]), d.get("host"), int(d["returncode"]), d.get("signal"),
@@ -124,16 +124,10 @@ def first_failure(paths: RunPaths) -> Failure | None:
     return Failure(rank, None, "traceback in log", _lines_from(log, offset, 200)[-30:])
 
 
-def merged_lines(paths: RunPaths) -> Iterator[str]:
+def rank_by_rank_lines(paths: RunPaths) -> Iterator[str]:
+    """Every rank's log in turn (rank 0 first, not interleaved by time: the lines carry no clock),
+    each line prefixed with [rank NNN]."""
     for rank, log in paths.rank_logs():
         with log.open(errors="replace") as f:
             for line in f:
                 yield f"[rank {rank:03d}] {line.rstrip(chr(10))}"
-
-
-def write_report(paths: RunPaths, out: TextIO, *, merged: bool = True) -> Failure | None:
-    if merged:
-        for line in merged_lines(paths):
-            out.write(line + "\n")
-    failure = first_failure(paths)
-    return failure

@@ -55,16 +55,15 @@ def check_inputs(spec: JobSpec) -> None:
 def check_data(spec: JobSpec) -> None:
     """Parse the data's first examples with the model's tokenizer: a malformed line, a missing column
     or a prompt longer than the context fails here, not minutes later on the cluster."""
-    from hpcft.dataformat import check_data_file, token_counter
+    from hpcft.dataformat import TokenizerLoadError, check_data_file, token_counter
 
     t = spec.train
     source = t.tokenizer_name or t.model_name
     try:
         tokenizer = token_counter(source)
-    except Exception as exc:  # tokenizers raises its own Exception type on a malformed file
+    except TokenizerLoadError as exc:
         raise SpecError("train.tokenizer_name" if t.tokenizer_name else "train.model_name",
-                        f"no tokenizer loads from {source} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        "point it at a directory with tokenizer files") from None
+                        f"no tokenizer loads from {source} ({exc}); point it at a directory with tokenizer files") from None
     check_data_file(t.data_path, t, tokenizer, field="train.data_path")
     if t.eval_data_path:
         check_data_file(t.eval_data_path, t, tokenizer, field="train.eval_data_path")

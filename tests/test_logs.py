@@ -1,7 +1,7 @@
 import json
 import time
 
-from hpcft.logs import first_failure, merged_lines
+from hpcft.logs import first_failure, rank_by_rank_lines
 from hpcft.paths import RunPaths, find_run_dir
 from hpcft.rankrun import write_exit_record
 
@@ -48,7 +48,7 @@ def test_traceback_without_exit_record(tmp_path):
 
 def test_merged_lines_have_rank_prefixes_in_rank_order(tmp_path):
     paths = make_run(tmp_path, {1: ["b"], 0: ["a"], 10: ["c"]}, {})
-    assert list(merged_lines(paths)) == ["[rank 000] a", "[rank 001] b", "[rank 010] c"]
+    assert list(rank_by_rank_lines(paths)) == ["[rank 000] a", "[rank 001] b", "[rank 010] c"]
 
 
 def test_find_run_dir_by_job_id(tmp_path):

@@ -101,10 +101,6 @@ class ProgressDisplay:
         eta = elapsed / max(step - self.first, 1) * (self.total - step)
         self.console.print(f"step {step}/{self.total} | {info} | elapsed {_hms(elapsed)} | ETA {_hms(eta)}")
 
-    def log(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
-
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -35,7 +35,14 @@ def adamw_impl(params: list[torch.Tensor]) -> dict:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW over the trainable parameters and its LR schedule, for every strategy. With
+    offload_optimizer (ZeRO) it is DeepSpeed's CPU Adam in AdamW mode, which keeps the state in CPU memory."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adamw_impl(params))
+    if cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adamw_impl(params))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     return opt, sched

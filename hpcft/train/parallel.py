@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -16,7 +15,7 @@ from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
 from hpcft.train.engine import TorchEngine, ZeroEngine
 from hpcft.train.flops import model_shape
-from hpcft.train.optim import build_optimizer, lr_lambda
+from hpcft.train.optim import build_optimizer
 from hpcft.train.precision import resolve_precision
 
 
@@ -27,7 +26,7 @@ def _torch_engine(model: nn.Module, hf_model: nn.Module, cfg: TrainConfig, rt: R
                        precision=resolve_precision(cfg.precision), device=rt.device, peft=cfg.use_peft)
 
 
-def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, **_):
+def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int):
     from torch.nn.parallel import DistributedDataParallel
 
     model = model.to(rt.device)
@@ -61,7 +60,7 @@ def mesh_groups(mesh) -> dict[str, list[int]]:
 
 
 def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
-               full_state: dict | None = None, **_):
+               full_state: dict | None = None):
     """FSDP2 (fully_shard) per transformer block, then the root. With low_cpu_fsdp the model arrives
     on the meta device on ranks > 0 and gets rank 0's weights by broadcast after sharding."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -135,31 +134,24 @@ def _fill_auto(node: dict, auto: dict, prefix: str) -> None:
             node[key] = auto[dotted]
 
 
-def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, **_):
+def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int):
     import deepspeed
 
     stage = int(cfg.strategy[-1])
     conf = deepspeed_config(cfg, rt, stage, hidden_size=model_shape(model.config)[1])
     deepspeed.init_distributed(dist_backend=rt.backend)
     model = model.to(rt.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf,
                                            dist_init_required=False)
     return ZeroEngine(engine, model, stage=stage, device=rt.device)
 
 
-APPLIERS = {"ddp": apply_ddp, "fsdp": apply_fsdp, "zero1": apply_zero, "zero2": apply_zero, "zero3": apply_zero}
-
-
 def apply_strategy(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
                    full_state: dict | None = None):
-    return APPLIERS[cfg.strategy](model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks,
-                                  full_state=full_state)
+    """cfg.strategy's apply_* with the options it takes."""
+    if cfg.strategy == "fsdp":
+        return apply_fsdp(model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks, full_state=full_state)
+    if cfg.strategy == "ddp":
+        return apply_ddp(model, cfg=cfg, rt=rt, total_steps=total_steps)
+    return apply_zero(model, cfg=cfg, rt=rt, total_steps=total_steps)

@@ -20,11 +20,6 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
-    def grad_scaler(self, device: torch.device):
-        if not self.loss_scaling:
-            return None
-        return torch.amp.GradScaler(device.type)
-
 
 PRECISIONS = {
     "fp32": Precision("fp32", None, torch.float32, False),
