@@ -3,13 +3,15 @@
 # in its own UTS namespace (distinct hostnames), 4 fake GPUs per node as gres (character devices).
 #   bash envs/local-cluster.sh up [--nodes N]   # idempotent; waits until every node is idle
 #   eval "$(bash envs/local-cluster.sh env)"    # SLURM_CONF for sbatch/srun/squeue
-#   bash envs/local-cluster.sh down             # stops every daemon, removes /etc/hosts lines
+#   bash envs/local-cluster.sh down             # cancels every job, stops every daemon, kills what jobs
+#                                               # left behind, removes /etc/hosts lines
 # Needs root (mknod, unshare, /etc/hosts). Facts behind it: shared/notes/local-slurm.md.
 set -euo pipefail
 DIR=${HPCFT_CLUSTER_DIR:-/var/tmp/hpcft-cluster}
 CONF=$DIR/slurm.conf
 NODE_CPUS=${HPCFT_CLUSTER_CPUS:-16}
 NODE_GPUS=4
+CLUSTER_NAME=hpcft-local  # Slurm exports it to every job as SLURM_CLUSTER_NAME: how down finds leftovers
 
 log() { echo "local-cluster: $*" >&2; }
 
@@ -20,7 +22,7 @@ write_conf() {
   mkdir -p "$DIR/spool" "$DIR/state" "$DIR/dev"
   {
     echo "# written by envs/local-cluster.sh"
-    echo "ClusterName=hpcft-local"
+    echo "ClusterName=$CLUSTER_NAME"
     echo "SlurmctldHost=localhost(127.0.0.1)"
     echo "SlurmctldPort=16817"
     echo "SlurmUser=root"
@@ -115,8 +117,7 @@ cluster_up() {
     mkdir -p "$DIR/spool/node$i"
     SLURM_CONF=$CONF unshare --uts -- sh -c "hostname node$i && exec slurmd -f '$CONF' -N node$i"
   done
-  local t
-  for t in $(seq 1 60); do
+  for _ in $(seq 1 60); do
     if cluster_ready "$n"; then log "up: $n nodes idle ($CONF)"; return 0; fi
     sleep 0.5
   done
@@ -130,8 +131,37 @@ cluster_ready() {
   [ "$idle" = "$n" ]
 }
 
+# Jobs first, while slurmd can still stop their steps: killing the daemons alone left the batch
+# shell, srun, torchrun and the ranks running (and burning CPU) with nothing to stop them.
+cancel_jobs() {
+  pid_alive "$DIR/slurmctld.pid" || return 0
+  local ids
+  ids=$(SLURM_CONF=$CONF squeue -h -o '%i' 2>/dev/null || true)
+  [ -n "$ids" ] || return 0
+  # shellcheck disable=SC2086 # one id per word
+  SLURM_CONF=$CONF scancel $ids 2>/dev/null || true
+  for _ in $(seq 1 120); do  # KillWait=10 s plus slurmstepd's clean-up
+    [ -z "$(SLURM_CONF=$CONF squeue -h -o '%i' 2>/dev/null)" ] && return 0
+    sleep 0.25
+  done
+  log "jobs still listed after scancel: $(SLURM_CONF=$CONF squeue -h -o '%i %T' | tr '\n' ' ')"
+}
+
+# Any process still carrying this cluster's name in its environment belongs to one of its jobs
+# (children inherit it): kill those left over once slurmstepd is gone. Never this shell or its parents.
+kill_job_leftovers() {
+  local keep=" $$ " p=$$ pid
+  while [ "$p" -gt 1 ] 2>/dev/null; do p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null || echo 1); keep="$keep$p "; done
+  for pid in $(grep -lsxaF "SLURM_CLUSTER_NAME=$CLUSTER_NAME" --null-data /proc/[0-9]*/environ 2>/dev/null \
+               | cut -d/ -f3); do
+    case "$keep" in *" $pid "*) continue ;; esac
+    kill -9 "$pid" 2>/dev/null || true
+  done
+}
+
 cluster_down() {
   local f
+  cancel_jobs
   for f in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
@@ -143,6 +173,7 @@ cluster_down() {
   pkill -9 -x slurmstepd 2>/dev/null || true
   pkill -9 -x slurmd 2>/dev/null || true
   pkill -9 -x slurmctld 2>/dev/null || true
+  kill_job_leftovers
   pkill -x munged 2>/dev/null || true
   # munged exits asynchronously; an `up` right after `down` must not find the old one still there.
   for _ in $(seq 1 40); do pgrep -x munged >/dev/null || break; sleep 0.25; done

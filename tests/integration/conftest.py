@@ -16,3 +16,8 @@ def cluster():
     conf = line.split("=", 1)[1]
     os.environ["SLURM_CONF"] = conf
     return conf
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that take the cluster down (and bring it back) run after all others, which share it."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster_restart") is not None)
