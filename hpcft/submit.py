@@ -169,7 +169,7 @@ def submit_submitit(spec: JobSpec) -> Submitted:
         raise SubmitError(f"submitit could not submit: {exc}; run on a Slurm login node") from None
     executor.update_parameters(**submitit_parameters(spec))
     task = NodeTask(command=entry_command(spec), job_dir=str(job_dir(spec.output_dir, spec.name)),
-                    env=dict(spec.env), rdzv_port=spec.launch.rdzv_port)
+                    env=dict(spec.env), rdzv_port=spec.launch.rdzv_port, requeue=spec.launch.requeue)
     try:
         job = executor.submit(task)
     except (UncompletedJobError, FailedSubmissionError, OSError) as exc:  # sbatch refused, failed or is missing
