@@ -20,7 +20,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.st
 
 
 def submit(args: argparse.Namespace, command: list[str]) -> int:
-    from hpcft.render import entry_command, render_sbatch
+    from hpcft.render import render_sbatch
+    from hpcft.render_submitit import render_submitit
     from hpcft.spec import load_spec, resolve_paths
     from hpcft.submit import SubmitError
     from hpcft.submit import submit as do_submit
@@ -33,8 +34,7 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     source = spec_path or "hpcft defaults"
     if dry_run:
         if spec.launch.backend == "submitit":
-            print(f"# backend submitit: submitit writes its own sbatch script; on each node it runs\n"
-                  f"#   python -m hpcft.launch --node -- {shlex.join(entry_command(spec))}")
+            sys.stdout.write(render_submitit(spec, python=shlex.quote(sys.executable)))
         else:
             sys.stdout.write(render_sbatch(spec, source=source))
         return 0

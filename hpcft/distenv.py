@@ -49,11 +49,14 @@ RUN_DIR_VAR = "HPCFT_RUN_DIR"
 RDZV_PORT_VAR = "HPCFT_RDZV_PORT"
 PYTHON_VAR = "HPCFT_PYTHON"
 FAULT_SAVE_DELAY_VAR = "HPCFT_FAULT_SAVE_DELAY"
+STOP_SIGNAL_VAR = "HPCFT_STOP_SIGNAL"
 HPCFT_TABLE: dict[str, str] = {
     RUN_DIR_VAR: "the run directory; set by every hpcft launch path, read by the node launcher, rankrun "
                  "(per-rank logs) and the entrypoint (metrics, checkpoints, model)",
     RDZV_PORT_VAR: "a fixed rendezvous port (launch.rdzv_port); unset: derived from the job id",
     PYTHON_VAR: "the interpreter that submitted the job; the batch script runs ranks with it",
+    STOP_SIGNAL_VAR: "a signal name (USR2) that also means checkpoint-and-stop, besides USR1; set by the "
+                     "submitit task for submitit's own warning signal",
     FAULT_SAVE_DELAY_VAR: "fault injection for tests, STEP:SECONDS: every checkpoint from STEP on pauses "
                           "half-written for SECONDS",
 }

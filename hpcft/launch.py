@@ -8,7 +8,6 @@ Inside an interactive allocation (salloc -N2 --gpus-per-node=4, or an srun --pty
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +15,7 @@ from typing import Mapping
 from hpcft.distenv import RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env, plan_rendezvous
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths
+from hpcft.stopsignal import ignore_stop_signals
 
 SRUN_FLAGS = ("--kill-on-bad-exit=1", "--ntasks-per-node=1")
 
@@ -74,9 +74,9 @@ def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
     print(f"hpcft.launch: node {rdzv.node_rank}/{rdzv.nnodes} ({os.uname().nodename}) starts "
           f"{rdzv.nproc_per_node} {'GPU' if cuda else 'CPU'} ranks, rendezvous {rdzv.endpoint}", flush=True)
     argv = torchrun_argv(rdzv, command)
-    # Slurm's warning signal (USR1, see launch.signal_lead_s) reaches every process of the step;
-    # torchrun would die of it. Ignored dispositions survive exec: the ranks install their own.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Slurm's warning signal (USR1, see launch.signal_lead_s; submitit's under that backend) reaches
+    # every process of the step; torchrun would die of it. The ranks install their own handlers.
+    ignore_stop_signals(child_env)
     os.execvpe(argv[0], argv, child_env)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hpcft.distenv import RUN_DIR_VAR, collect_dist_env
 from hpcft.paths import RunPaths
+from hpcft.stopsignal import ignore_stop_signals
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
@@ -28,11 +29,6 @@ def child_argv(command: list[str]) -> list[str]:
     if command[0] in ("-m", "-c") or command[0].endswith(".py"):
         return [sys.executable, *command]
     return command
-
-
-def _ignore_usr1() -> None:
-    # Until the rank installs its handler, Slurm's warning signal must not kill it (default action).
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def write_exit_record(path: Path, *, rank: int, returncode: int, started: float) -> None:
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         tee = dist.rank == 0
         proc = subprocess.Popen(child_argv(command), env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE if tee else log, stderr=subprocess.STDOUT,
-                                preexec_fn=_ignore_usr1)
+                                preexec_fn=ignore_stop_signals)
         for sig in FORWARDED:
             signal.signal(sig, lambda s, _f: proc.send_signal(s))
         (paths.rank_pid(dist.rank)).write_text(f"{proc.pid}\n")

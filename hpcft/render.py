@@ -8,6 +8,7 @@ from Slurm at run time, so `sbatch --nodes=4 script` needs no other edit.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 from hpcft.launch import SRUN_FLAGS
 from hpcft.distenv import PYTHON_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
@@ -23,12 +24,34 @@ def _sbatch_value(value: str) -> str:
     return f'"{value}"' if any(c.isspace() for c in value) else value
 
 
-def gpu_request(spec: JobSpec) -> str | None:
+@dataclass(frozen=True)
+class GpuRequest:
+    """GPUs per node, as both backends ask Slurm for them."""
+
+    count: int  # GPUs per node
+    type: str | None = None  # e.g. "a100": --gpus-per-node=a100:4
+    as_gres: bool = False  # --gres=gpu[:type]:N instead of --gpus-per-node (clusters without the latter)
+
+    @property
+    def _amount(self) -> str:
+        return f"{self.type}:{self.count}" if self.type else str(self.count)
+
+    def sbatch_option(self) -> str:
+        return f"--gres=gpu:{self._amount}" if self.as_gres else f"--gpus-per-node={self._amount}"
+
+    def submitit_parameters(self) -> dict[str, int | str]:
+        """For submitit.SlurmExecutor.update_parameters; it writes values into #SBATCH lines as given,
+        so a typed count reads as in the sbatch render (--gpus-per-node=a100:4)."""
+        if self.as_gres:
+            return {"gres": f"gpu:{self._amount}"}
+        return {"gpus_per_node": self._amount if self.type else self.count}
+
+
+def gpu_request(spec: JobSpec) -> GpuRequest | None:
     r = spec.resources
     if r.gpus_per_node == 0:
         return None
-    count = f"{r.gpu_type}:{r.gpus_per_node}" if r.gpu_type else str(r.gpus_per_node)
-    return f"--gres=gpu:{count}" if r.gres else f"--gpus-per-node={count}"
+    return GpuRequest(r.gpus_per_node, r.gpu_type, r.gres)
 
 
 def sbatch_options(spec: JobSpec) -> list[str]:
@@ -37,7 +60,7 @@ def sbatch_options(spec: JobSpec) -> list[str]:
     opts = [f"--job-name={spec.name}", f"--nodes={r.nodes}", "--ntasks-per-node=1"]
     gpus = gpu_request(spec)
     if gpus:
-        opts.append(gpus)
+        opts.append(gpus.sbatch_option())
     opts.append(f"--cpus-per-task={r.cpus_per_task}")
     if r.mem is not None:
         opts.append(f"--mem={r.mem}")

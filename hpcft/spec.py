@@ -56,7 +56,7 @@ class Launch:
     rdzv_port: int | None = None  # fixed rendezvous port; default derives one from the job id
     setup: tuple[str, ...] = ()  # shell lines run first in the batch script (module load, source venv)
     command: tuple[str, ...] = ()  # a torchrun-ready script and its args; empty: hpcft's entrypoint
-    signal_lead_s: int = 120  # Slurm sends USR1 this long before the time limit: ranks checkpoint and stop (0: off)
+    signal_lead_s: int = 120  # Slurm warns this long before the time limit (USR1; submitit: USR2): ranks checkpoint and stop (0: off)
     requeue: bool = True  # after such a stop, the job requeues itself and resumes from the checkpoint
 
 

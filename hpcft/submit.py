@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ from pathlib import Path
 
 from hpcft.distenv import PYTHON_VAR
 from hpcft.errors import SpecError
-from hpcft.paths import job_dir, slurm_output
-from hpcft.render import entry_command, gpu_request, render_sbatch
-from hpcft.spec import JobSpec, time_to_minutes
+from hpcft.paths import RunPaths, job_dir, slurm_output
+from hpcft.render import entry_command, render_sbatch
+from hpcft.render_submitit import MAX_TIMEOUTS, submitit_folder, submitit_parameters
+from hpcft.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -134,41 +136,39 @@ class SubmitError(RuntimeError):
 
 def submit_submitit(spec: JobSpec) -> Submitted:
     import submitit
+    from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
     from hpcft.submitit_entry import NodeTask
 
-    r = spec.resources
-    out = Path(spec.output_dir)
-    created = not out.exists()
-    folder = job_dir(out, spec.name) / "submitit" / "%j"
-    executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
-    gres = gpu_request(spec)
-    params: dict = dict(
-        job_name=spec.name, nodes=r.nodes, ntasks_per_node=1, cpus_per_task=r.cpus_per_task,
-        time=time_to_minutes(r.time), partition=r.partition, account=r.account, qos=r.qos,
-        constraint=r.constraint, mem=r.mem, exclusive=True if r.exclusive else None,
-        srun_args=["--kill-on-bad-exit=1"], setup=list(spec.launch.setup),
-    )
-    if gres and gres.startswith("--gres="):
-        params["gres"] = gres.split("=", 1)[1]
-    elif gres:
-        count = gres.split("=", 1)[1]
-        if ":" in count:
-            params["gres"] = f"gpu:{count}"
-        else:
-            params["gpus_per_node"] = int(count)
-    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-    task = NodeTask(command=entry_command(spec), job_dir=str(job_dir(out, spec.name)), env=dict(spec.env),
-                    rdzv_port=spec.launch.rdzv_port)
+    folder = submitit_folder(spec)
+    made = _first_missing(folder.parent)
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable),
+                                          max_num_timeout=MAX_TIMEOUTS)
+    except RuntimeError as exc:  # submitit's "Could not detect srun"
+        raise SubmitError(f"submitit could not submit: {exc}; run on a Slurm login node") from None
+    executor.update_parameters(**submitit_parameters(spec))
+    task = NodeTask(command=entry_command(spec), job_dir=str(job_dir(spec.output_dir, spec.name)),
+                    env=dict(spec.env), rdzv_port=spec.launch.rdzv_port, requeue=spec.launch.requeue)
     try:
         job = executor.submit(task)
-    except Exception as exc:  # submitit wraps sbatch's refusal in its own error types
-        if created and out.exists() and not any(out.iterdir()):
-            out.rmdir()
+    except (UncompletedJobError, FailedSubmissionError, OSError) as exc:  # sbatch refused, failed or is missing
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)  # submitit's pickle and script, in folders made for them
         raise SubmitError(f"submitit could not submit: {exc}") from None
     job_id = str(job.job_id)
-    return Submitted(job_id, "submitit", job_dir(out, spec.name) / job_id,
-                     Path(str(folder).replace("%j", job_id)) / f"{job_id}_0_log.out")
+    run = RunPaths.for_job(spec.output_dir, spec.name, job_id)
+    return Submitted(job_id, "submitit", run.run_dir, run.submitit_log())
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of path and its parents that does not exist yet (None: path exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
 
 
 def submit(spec: JobSpec, *, source: str) -> Submitted:

@@ -26,6 +26,21 @@ def test_dry_run_prints_the_script_with_overrides(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_dry_run_submitit_prints_submitits_script_and_writes_nothing(tmp_path):
+    proc = hpcft("submit", "--dry-run", "--backend", "submitit", str(ROOT / "jobs/samsum_tiny.yaml"), "--nodes", "2",
+                 "--gpus-per-node", "3", "resources.time=00:30:00", "launch.signal_lead_s=90", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!/bin/bash\n")
+    lines = proc.stdout.splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=3", "#SBATCH --signal=USR2@90", "#SBATCH --time=30",
+                 "#SBATCH --job-name=samsum-tiny", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1"):
+        assert line in lines, line
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1 --ntasks-per-node=1" in srun and "-m submitit.core._submit" in srun
+    assert f"{tmp_path}/runs/samsum-tiny/submitit/%j" in srun
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_user_command_after_double_dash(tmp_path):
     proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/samsum_tiny.yaml"), "--", "my_train.py", "--my-arg", "a b",
                  cwd=tmp_path)

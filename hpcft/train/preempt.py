@@ -1,5 +1,6 @@
-"""Stop cleanly before the time limit: Slurm sends USR1 (launch.signal_lead_s), any rank that got it
-makes all ranks stop after the same optimizer step, checkpoint, and ask for a requeue."""
+"""Stop cleanly before the time limit: Slurm sends USR1 (launch.signal_lead_s; submitit's own signal
+under that backend, see hpcft.stopsignal), any rank that got it makes all ranks stop after the same
+optimizer step, checkpoint, and ask for a requeue."""
 from __future__ import annotations
 
 import signal
@@ -7,6 +8,7 @@ import signal
 import torch
 import torch.distributed as dist
 
+from hpcft.stopsignal import stop_signals
 from hpcft.train.dist import Runtime
 
 
@@ -17,8 +19,8 @@ class StopRequest:
         self.requested = False
         self.signal: str | None = None
 
-    def install(self, signals=(signal.SIGUSR1,)) -> "StopRequest":
-        for sig in signals:
+    def install(self, signals=None) -> "StopRequest":
+        for sig in stop_signals() if signals is None else signals:
             signal.signal(sig, self._handle)
         return self
 

@@ -42,9 +42,17 @@ def wait_for_step(metrics, step: int, timeout_s: float = 300) -> None:
     raise AssertionError(f"no step {step} in {metrics} after {timeout_s} s")
 
 
-def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster, tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def reference(cluster, tiny_model, tmp_path_factory):
+    """The uninterrupted run that both time-limit tests compare against, submitted once; each test
+    waits for it, so it runs alongside the first test's own job."""
+    return submit(tmp_path_factory.mktemp("reference"), tiny_model, "reference", train=LONG,
+                  launch={"signal_lead_s": 0})
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster, tiny_model, tmp_path, reference):
     # 270 steps take longer than what a 2-minute job has left after start-up and the 50 s warning.
-    ref_id, ref_dir = submit(tmp_path, tiny_model, "reference", train=LONG, launch={"signal_lead_s": 0})
+    ref_id, ref_dir = reference
     job_id, run_dir = submit(tmp_path, tiny_model, "preempted", train=LONG,
                              resources={"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 2, "time": "2"},
                              launch={"signal_lead_s": 50})
@@ -62,8 +70,30 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster, ti
     assert summary["finished"] and summary["resumed_from"]
 
 
-def test_scancel_is_not_mistaken_for_preemption(cluster, tiny_model, tmp_path):
-    job_id, run_dir = submit(tmp_path, tiny_model, "cancelled", train=LONG)
+def test_submitit_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, tiny_model, tmp_path, reference):
+    """The same spec under submitit: its USR2 warning, its checkpoint() and its requeue."""
+    ref_id, ref_dir = reference
+    job_id, run_dir = submit(tmp_path, tiny_model, "preempted-submitit", train=LONG,
+                             resources={"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 2, "time": "2"},
+                             launch={"signal_lead_s": 50, "backend": "submitit"})
+    assert wait_for(ref_id, timeout_s=600).state == "COMPLETED"
+    assert wait_for(job_id, timeout_s=900).state == "COMPLETED"
+    assert restarts(job_id) >= 1  # interrupted at least once, then requeued by submitit
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 271))
+    assert any(r.get("event") == "preempted" and r.get("signal") == "SIGUSR2" for r in records)
+    straight = train_losses(ref_dir / "metrics.jsonl")
+    resumed = train_losses(run_dir / "metrics.jsonl")
+    assert max(abs(straight[s] - resumed[s]) for s in straight) < 1e-5
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and summary["resumed_from"]
+    assert not (run_dir / "requeue").exists()
+
+
+@pytest.mark.parametrize("backend", ["sbatch", "submitit"])
+def test_scancel_is_not_mistaken_for_preemption(cluster, tiny_model, tmp_path, backend):
+    job_id, run_dir = submit(tmp_path, tiny_model, "cancelled", train=LONG, launch={"backend": backend})
     wait_for_step(run_dir / "metrics.jsonl", 2)
     assert run([*HPCFT, "cancel", job_id]).returncode == 0
     assert wait_for(job_id, poll_s=0.5, timeout_s=60).state == "CANCELLED"
