@@ -50,6 +50,7 @@ RDZV_PORT_VAR = "HPCFT_RDZV_PORT"
 PYTHON_VAR = "HPCFT_PYTHON"
 FAULT_SAVE_DELAY_VAR = "HPCFT_FAULT_SAVE_DELAY"
 STOP_SIGNAL_VAR = "HPCFT_STOP_SIGNAL"
+SAMPLE_LOG_VAR = "HPCFT_SAMPLE_LOG"
 HPCFT_TABLE: dict[str, str] = {
     RUN_DIR_VAR: "the run directory; set by every hpcft launch path, read by the node launcher, rankrun "
                  "(per-rank logs) and the entrypoint (metrics, checkpoints, model)",
@@ -59,6 +60,8 @@ HPCFT_TABLE: dict[str, str] = {
                      "submitit task for submitit's own warning signal",
     FAULT_SAVE_DELAY_VAR: "fault injection for tests, STEP:SECONDS: every checkpoint from STEP on pauses "
                           "half-written for SECONDS",
+    SAMPLE_LOG_VAR: "for tests, 1: every rank writes the example ids of each optimizer step to "
+                    "sample-ids/rank-NNN.jsonl in the run directory",
 }
 
 PORT_BASE, PORT_SPAN = 20000, 20000

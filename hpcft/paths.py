@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpcft.worldplan import STATE_FILE
+
 REQUEUE_MARKER = "requeue"  # file name of RunPaths.requeue_marker, for the rendered batch script
 CHECKPOINT_PREFIX = "step-"
 TMP_SUFFIX = ".tmp"
@@ -55,8 +57,9 @@ class CheckpointPaths:
 
     @property
     def state(self) -> Path:
-        """trainer_state.json: step, epoch, batches consumed; written last, so its presence means complete."""
-        return self.dir / "trainer_state.json"
+        """trainer_state.json (hpcft.worldplan.SavedRun): position and the shape of the run that wrote it;
+        written last, so its presence means complete."""
+        return self.dir / STATE_FILE
 
     @property
     def dcp(self) -> Path:
@@ -98,6 +101,10 @@ class RunPaths:
 
     def rank_exits(self) -> list[Path]:
         return sorted(self.run_dir.glob("rank-*.exit.json"))
+
+    def sample_ids(self, rank: int) -> Path:
+        """Test-only (SAMPLE_LOG_VAR): the example ids each optimizer step of this rank trained on."""
+        return self.run_dir / "sample-ids" / f"{rank_tag(rank)}.jsonl"
 
     def preflight_probe(self, rank: int) -> Path:
         """The file each rank writes to show the run directory is shared and writable."""

@@ -8,14 +8,16 @@ import torch
 from hpcft.distenv import DistEnv
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths
-from hpcft.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from hpcft.train.checkpoint import RunShape, TrainerState, find_resume, load_checkpoint, save_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
 from hpcft.train.engine import TorchEngine
 from hpcft.train.optim import build_optimizer
 from hpcft.train.precision import resolve_precision
+from hpcft.worldplan import SavedRun, read_saved
 
 RT = Runtime(env=DistEnv(), device=torch.device("cpu"), backend="gloo")
+SHAPE = RunShape(world_size=1, micro_batch=16, accum=1, total_steps=20, strategy="ddp", use_peft=False)
 
 
 def make_engine(seed=0):
@@ -38,13 +40,13 @@ def test_save_load_roundtrip_restores_model_optimizer_scheduler_rng(tmp_path):
     paths = RunPaths(tmp_path / "run")
     a = make_engine()
     train_steps(a, 3)
-    path = save_checkpoint(a, TrainerState(step=3, epoch=0, batches_in_epoch=3), paths, RT, keep=2)
+    path = save_checkpoint(a, TrainerState(step=3, epoch=0, samples_in_epoch=48), paths, RT, keep=2, shape=SHAPE)
     expected = torch.rand(3)
     b = make_engine(seed=123)
     torch.rand(7)
-    state = load_checkpoint(b, path, RT)
+    state = load_checkpoint(b, path, RT, saved=read_saved(path))
     assert torch.equal(torch.rand(3), expected)  # RNG restored to the moment of the save
-    assert state == TrainerState(3, 0, 3) and b.lr() == a.lr()
+    assert state == TrainerState(3, 0, 48) and b.lr() == a.lr()
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
     train_steps(a, 2)
@@ -57,7 +59,7 @@ def test_complete_checkpoints_are_renamed_and_pruned(tmp_path):
     paths = RunPaths(tmp_path / "run")
     e = make_engine()
     for step in (1, 2, 3):
-        save_checkpoint(e, TrainerState(step=step), paths, RT, keep=2)
+        save_checkpoint(e, TrainerState(step=step), paths, RT, keep=2, shape=SHAPE)
     names = sorted(p.name for p in paths.checkpoints.iterdir())
     assert names == ["step-00000002", "step-00000003"]
     assert find_resume("auto", paths).name == "step-00000003"
@@ -66,18 +68,18 @@ def test_complete_checkpoints_are_renamed_and_pruned(tmp_path):
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     paths = RunPaths(tmp_path / "run")
     e = make_engine()
-    save_checkpoint(e, TrainerState(step=5), paths, RT, keep=2)
+    save_checkpoint(e, TrainerState(step=5), paths, RT, keep=2, shape=SHAPE)
 
     def die(*a, **k):
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(e, "save", die)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(e, TrainerState(step=6), paths, RT, keep=2)
+        save_checkpoint(e, TrainerState(step=6), paths, RT, keep=2, shape=SHAPE)
     assert (paths.checkpoints / "step-00000006.tmp").is_dir()  # the half-written one stays aside
     assert find_resume("auto", paths).name == "step-00000005"
     monkeypatch.undo()
-    save_checkpoint(e, TrainerState(step=6), paths, RT, keep=2)  # the next save clears the leftover
+    save_checkpoint(e, TrainerState(step=6), paths, RT, keep=2, shape=SHAPE)  # the next save clears the leftover
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step-00000005", "step-00000006"]
 
 
@@ -85,7 +87,7 @@ def test_resume_modes(tmp_path):
     job = tmp_path / "runs" / "name"
     a, b = RunPaths(job / "100"), RunPaths(job / "200")
     e = make_engine()
-    save_checkpoint(e, TrainerState(step=7), a, RT, keep=2)
+    save_checkpoint(e, TrainerState(step=7), a, RT, keep=2, shape=SHAPE)
     b.run_dir.mkdir(parents=True)
     assert find_resume("auto", b) is None  # a new job does not silently continue another one
     assert find_resume("latest", b).parent.parent == a.run_dir
@@ -94,3 +96,11 @@ def test_resume_modes(tmp_path):
     with pytest.raises(SpecError, match="train.resume"):
         find_resume(str(tmp_path), b)
     assert json.loads((a.checkpoints / "step-00000007" / "trainer_state.json").read_text())["step"] == 7
+
+
+def test_checkpoint_records_the_shape_a_resume_on_another_world_needs(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    path = save_checkpoint(make_engine(), TrainerState(step=4, epoch=1, samples_in_epoch=64), paths, RT, keep=2,
+                           shape=SHAPE)
+    assert read_saved(path) == SavedRun(step=4, epoch=1, samples_in_epoch=64, world_size=1, micro_batch=16, accum=1,
+                                        total_steps=20, strategy="ddp", use_peft=False)

@@ -5,12 +5,13 @@
         dcp/ or zero/          engine state (torch.distributed.checkpoint, or DeepSpeed's own)
         engine.pt              scheduler / loss-scaler state (torch engines)
         rng-rank-000.pt        each rank's RNG state
-        trainer_state.json     step, epoch, batches consumed in that epoch
+        trainer_state.json     step, epoch, global samples consumed in that epoch, and the run's shape
+                               (world size, micro-batch, accumulation, schedule length, strategy):
+                               hpcft.worldplan.SavedRun
 (names from hpcft.paths.CheckpointPaths). A crash mid-save never touches the previous complete checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -25,13 +26,27 @@ from hpcft.distenv import FAULT_SAVE_DELAY_VAR
 from hpcft.errors import SpecError
 from hpcft.paths import CheckpointPaths, RunPaths
 from hpcft.train.dist import Runtime, barrier
+from hpcft.worldplan import SavedRun
 
 
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch in progress
-    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    samples_in_epoch: int = 0  # global samples of that epoch already consumed (any world size)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a checkpoint records about the run that wrote it, so that a resume on another world size
+    can keep what "continue" means (hpcft.worldplan.adapt)."""
+
+    world_size: int
+    micro_batch: int
+    accum: int
+    total_steps: int
+    strategy: str
+    use_peft: bool
 
 
 def complete_checkpoints(paths: RunPaths) -> list[CheckpointPaths]:
@@ -57,7 +72,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *, keep: int) -> Path:
+def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *, keep: int, shape: RunShape) -> Path:
     final = paths.checkpoint(state.step)
     tmp = final.tmp
     if rt.is_main:
@@ -69,7 +84,7 @@ def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *
     _fault_delay(state.step)
     barrier(rt)  # every rank's shards are on disk before the checkpoint is declared complete
     if rt.is_main:
-        tmp.state.write_text(json.dumps(asdict(state)) + "\n")
+        tmp.state.write_text(SavedRun(**asdict(state), **asdict(shape)).to_json())
         _fsync_dir(tmp.dir)
         if final.dir.exists():
             shutil.rmtree(final.dir)
@@ -125,10 +140,12 @@ def agree_on_resume(resume: str, paths: RunPaths, rt: Runtime) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
-def load_checkpoint(engine, path: Path, rt: Runtime) -> TrainerState:
+def load_checkpoint(engine, path: Path, rt: Runtime, *, saved: SavedRun) -> TrainerState:
+    """Load `path` into the engine (resharding to this world size where it differs); the position to
+    continue from, in global samples."""
     ckpt = CheckpointPaths(path)
-    engine.load(ckpt)
+    engine.load(ckpt, saved_world=saved.world_size)
     rng = ckpt.rng(rt.env.rank)
     if rng.exists():  # absent when resuming on more ranks than saved (resharding): keep the seed's RNG
         _set_rng_state(torch.load(rng, weights_only=False))
-    return TrainerState(**json.loads(ckpt.state.read_text()))
+    return TrainerState(saved.step, saved.epoch, saved.samples_in_epoch)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from hpcft.dataformat import IGNORE_INDEX, detect_format, prompt_and_target, read_jsonl
 from hpcft.errors import SpecError
@@ -109,23 +110,71 @@ def make_collate(pad_id: int):
     return collate
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through (resume at the exact batch)."""
+class GlobalBatchSampler:
+    """Micro-batches for one rank, laid out in global samples so that the world size does not change
+    what is learned. Epoch e's order is one permutation of all examples (seed + e) whatever the world
+    size; optimizer step s of the epoch takes the global samples [s*G, (s+1)*G) of it (G = micro x
+    accum x world), cut into micro-batch chunks, chunk j going to rank j % world as its micro-step
+    j // world. Every rank makes the same number of micro-steps per step: where the epoch's last
+    global batch runs short, a rank without a chunk gets a filler (an example with every label
+    masked, index -1-i) that adds nothing to the gradient. No example is repeated or skipped within
+    an epoch, and a resume at global sample k on any world size continues exactly there."""
 
-    skip = 0  # samples of this rank's partition to skip in the current epoch
+    def __init__(self, n: int, *, micro: int, accum: int, world: int, rank: int, seed: int, shuffle: bool = True):
+        self.n, self.micro, self.accum, self.world, self.rank = n, micro, accum, world, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = micro * accum * world
+        self.set_epoch(0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.global_batch)
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Lay out epoch `epoch` from global sample `start_sample` (a multiple of the global batch)."""
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        self.epoch = epoch
+        self.steps: list[list[list[int]]] = []  # this rank's micro-batches, step by step
+        for base in range(start_sample, self.n, self.global_batch):
+            batch = order[base:base + self.global_batch]
+            chunks = [batch[i:i + self.micro] for i in range(0, len(batch), self.micro)]
+            per_rank = -(-len(chunks) // self.world)
+            mine = [chunks[j] for j in range(self.rank, len(chunks), self.world)]
+            filler = [-1 - chunks[0][0]]  # masked copy of a real example: same shapes, no gradient
+            self.steps.append(mine + [filler] * (per_rank - len(mine)))
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        return (mb for step in self.steps for mb in step)
 
     def __len__(self) -> int:
-        return super().__len__() - self.skip
+        return sum(len(step) for step in self.steps)
 
 
-def make_loader(ds: Dataset, *, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int,
+class MaskedFiller(TorchDataset):
+    """The train split, where index -1-i is example i with every label masked (GlobalBatchSampler's filler)."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        if i >= 0:
+            return self.ds[i]
+        ex = self.ds[-1 - i]
+        return {"input_ids": ex["input_ids"], "labels": [IGNORE_INDEX] * len(ex["labels"])}
+
+
+def make_loader(ds: Dataset, *, batch_size: int, accum: int, rank: int, world_size: int, shuffle: bool, seed: int,
                 pad_id: int, num_workers: int) -> DataLoader:
-    """Each rank reads its own partition, so steps per epoch shrink as ranks grow."""
-    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=make_collate(pad_id),
+    """This rank's micro-batches (GlobalBatchSampler); loader.batch_sampler positions the epoch."""
+    sampler = GlobalBatchSampler(len(ds), micro=batch_size, accum=accum, world=world_size, rank=rank, seed=seed,
+                                 shuffle=shuffle)
+    return DataLoader(MaskedFiller(ds), batch_sampler=sampler, collate_fn=make_collate(pad_id),
                       num_workers=num_workers)
 
 

@@ -71,7 +71,8 @@ class TorchEngine:
             extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
             torch.save(extra, ckpt.engine_extra)
 
-    def load(self, ckpt: CheckpointPaths) -> None:
+    def load(self, ckpt: CheckpointPaths, *, saved_world: int | None = None) -> None:
+        """DCP reshards on load: any saved world size works."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -120,7 +121,7 @@ class ZeroEngine:
     def save(self, ckpt: CheckpointPaths, *, is_main: bool) -> None:
         self.model.save_checkpoint(str(ckpt.dir), tag=ckpt.zero_tag)
 
-    def load(self, ckpt: CheckpointPaths) -> None:
+    def load(self, ckpt: CheckpointPaths, *, saved_world: int | None = None) -> None:
         path, _ = self.model.load_checkpoint(str(ckpt.dir), tag=ckpt.zero_tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
         if path is None:

@@ -4,8 +4,10 @@ the Engine; this loop does not branch on it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -54,12 +56,10 @@ def evaluate(engine, loader, rt: Runtime, *, max_steps: int = 0, seq2seq: bool =
     return loss_sum / max(tokens, 1.0)
 
 
-def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
-    steps_per_epoch = -(-batches_per_epoch // cfg.gradient_accumulation_steps)
+def plan_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run (the LR schedule's length)."""
     total = steps_per_epoch * cfg.num_epochs
-    if cfg.max_train_step:
-        total = min(total, cfg.max_train_step)
-    return steps_per_epoch, total
+    return min(total, cfg.max_train_step) if cfg.max_train_step else total
 
 
 @dataclass
@@ -87,38 +87,44 @@ class FlopsModel:
 
 def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, state: TrainerState,
           metrics: MetricsWriter, progress: ProgressDisplay, flops: FlopsModel,
-          save: Callable[[TrainerState], None], profiler=None, stop=None) -> TrainResult:
+          save: Callable[[TrainerState], None], profiler=None, stop=None, seq2seq: bool = False,
+          sample_log: "SampleLog | None" = None) -> TrainResult:
     accum = cfg.gradient_accumulation_steps
     stop_at = min(total_steps, state.step + cfg.max_steps_this_run) if cfg.max_steps_this_run else total_steps
     first_step, last_loss, tokens_total, mfu = state.step, float("nan"), 0, None
     t_start = t_window = time.perf_counter()
     window = _new_window(rt)
     engine.model.train()
-    sampler = loader.sampler
+    sampler = loader.batch_sampler  # GlobalBatchSampler: the epoch's layout in global samples
     for epoch in range(state.epoch, cfg.num_epochs):
         if state.step >= stop_at:
             break
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        sampler.set_epoch(epoch)
-        sampler.skip = skip * cfg.batch_size_training
-        n_total = skip + len(loader)
-        for i, batch in enumerate(loader):
-            g = skip + i
-            boundary = (g + 1) % accum == 0 or g + 1 == n_total
-            tokens = int(batch["attention_mask"].sum())
-            window["tokens"] += tokens
-            window["useful"] += int((batch["labels"] != -100).sum())
-            window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
-            with engine.autocast():
-                loss = engine.model(**to_device(batch, rt.device)).loss
-            engine.backward(loss, boundary=boundary)
-            window["loss"] += loss.detach().float() / accum
-            if not boundary:
-                continue
+        start = state.samples_in_epoch if epoch == state.epoch else 0
+        sampler.set_epoch(epoch, start)
+        micro_steps = [len(step) for step in sampler.steps]  # the same on every rank
+        batches = iter(loader)
+        for k, n_micro in enumerate(micro_steps):
+            for m in range(n_micro):
+                batch = next(batches)
+                n_pred = predicted_tokens(batch["labels"], seq2seq=seq2seq)
+                if n_pred:
+                    window["tokens"] += int(batch["attention_mask"].sum())
+                    window["useful"] += n_pred
+                    window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
+                with engine.autocast():
+                    out = engine.model(**to_device(batch, rt.device))
+                # A filler micro-batch (every label masked) must still run the same collectives; its
+                # loss is zero with a gradient path, where the model's own loss would be 0/0 = nan.
+                loss = out.loss if n_pred else out.logits.float().sum() * 0.0
+                engine.backward(loss, boundary=m == n_micro - 1)
+                window["loss"] += loss.detach().float() / accum
+            if sample_log is not None:
+                sample_log.write(state.step + 1, epoch, [i for mb in sampler.steps[k] for i in mb if i >= 0])
             grad_norm = engine.step()
             window["steps"] += 1
             state.step += 1
-            state.epoch, state.batches_in_epoch = (epoch + 1, 0) if g + 1 == n_total else (epoch, g + 1)
+            consumed = start + (k + 1) * sampler.global_batch
+            state.epoch, state.samples_in_epoch = (epoch + 1, 0) if consumed >= sampler.n else (epoch, consumed)
             if profiler is not None:
                 profiler.step()
             stopping = None  # decided on this step by the metrics reduction, or below
@@ -150,6 +156,22 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
                 break
     return TrainResult(state.step, state.step - first_step, last_loss, tokens_total,
                        time.perf_counter() - t_start, mfu)
+
+
+class SampleLog:
+    """Test-only record of the example ids each optimizer step trained on (SAMPLE_LOG_VAR), one JSON
+    line per step and rank, so a test can check every example is seen once per epoch."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a", encoding="utf-8")
+
+    def write(self, step: int, epoch: int, ids: list[int]) -> None:
+        self._f.write(json.dumps({"step": step, "epoch": epoch, "ids": ids}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def _new_window(rt: Runtime) -> dict:

@@ -43,6 +43,22 @@ class MetricsWriter:
             self._tb.close()
 
 
+def effective_rows(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows as the run finally trained them: a restart event at step k discards the
+    lines of steps after k written before it (trained again after the restart), so no step counts
+    twice in plots or summaries. Event lines themselves are kept."""
+    out: list[dict] = []
+    for r in rows:
+        if r.get("event") == "restart":
+            out = [o for o in out if "event" in o or o.get("step", 0) <= r["step"]]
+        out.append(r)
+    return out
+
+
+def read_rows(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 def plot_metrics(metrics: Path, out: Path) -> Path | None:
     """loss (train and eval) and tokens/s against step, as a PNG next to the metrics."""
     import matplotlib
@@ -50,8 +66,8 @@ def plot_metrics(metrics: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "loss" in r]
+    rows = effective_rows(read_rows(metrics))
+    train = [r for r in rows if "loss" in r and "event" not in r]
     evals = [r for r in rows if r.get("event") == "eval"]
     if not train:
         return None

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from hpcft.distenv import RUN_DIR_VAR, collect_dist_env
+from hpcft.distenv import RUN_DIR_VAR, SAMPLE_LOG_VAR, collect_dist_env, collect_slurm_env
 from hpcft.paths import RunPaths, local_run_dir
 from hpcft.train.checkpoint import TrainerState, save_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime, barrier, cleanup, print0, setup_distributed
 from hpcft.train.flops import peak_memory_bytes
-from hpcft.train.loop import TrainResult, evaluate, profiler_context, train
+from hpcft.train.loop import SampleLog, TrainResult, evaluate, profiler_context, train
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay, plot_metrics
 from hpcft.train.model import check_model_dir, check_quantization
 from hpcft.train.preempt import StopRequest
@@ -87,6 +87,8 @@ def _train_and_finish(s: Session, stop: StopRequest) -> dict:
     summary = start_summary(s)
     metrics = MetricsWriter(s.paths.metrics, enabled=s.rt.is_main,
                             tensorboard_dir=s.paths.tensorboard if s.cfg.tensorboard else None)
+    if s.resume_from is not None:
+        write_restart(s, metrics)
     if s.data.eval_loader is not None:
         summary["eval_loss_before"] = evaluate_session(s, metrics, "before")
     result = train_session(s, metrics, stop)
@@ -121,8 +123,19 @@ def start_summary(s: Session) -> dict:
             "parameters": s.n_params, "trainable_parameters": s.n_trainable,
             "steps_per_epoch": s.data.steps_per_epoch, "total_steps": s.data.total_steps, "device": rt.device.type,
             "backend": rt.backend, "resumed_from": str(s.resume_from) if s.resume_from else None,
-            "start_step": s.state.step, "peak_flops_per_rank": s.flops.peak_per_rank,
+            "resume_adaptation": s.adaptation, "restarts": collect_slurm_env().restart_count,
+            "global_batch": s.shape.world_size * s.shape.micro_batch * s.shape.accum,
+            "gradient_accumulation_steps": s.cfg.gradient_accumulation_steps, "start_step": s.state.step, "peak_flops_per_rank": s.flops.peak_per_rank,
             "peak_flops_source": s.flops.peak_source}
+
+
+def write_restart(s: Session, metrics: MetricsWriter) -> None:
+    """The event line that marks a resume in metrics.jsonl: steps after `step` logged before it were
+    lost with the previous attempt and are trained again (hpcft.train.metrics.effective_rows)."""
+    slurm = collect_slurm_env()
+    metrics.write(event="restart", step=s.state.step, resumed_from=str(s.resume_from),
+                  world_size=s.rt.env.world_size, nodes=list(slurm.job_nodelist) or None,
+                  restart_count=slurm.restart_count, adaptation=s.adaptation)
 
 
 def evaluate_session(s: Session, metrics: MetricsWriter, when: str) -> float:
@@ -136,14 +149,18 @@ def evaluate_session(s: Session, metrics: MetricsWriter, when: str) -> float:
 def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest) -> TrainResult:
     """The training loop from s.state, with periodic checkpoints and one at the end of this run."""
     def save(st: TrainerState) -> None:
-        path = save_checkpoint(s.engine, st, s.paths, s.rt, keep=s.cfg.keep_checkpoints)
+        path = save_checkpoint(s.engine, st, s.paths, s.rt, keep=s.cfg.keep_checkpoints, shape=s.shape)
         print0(s.rt, f"hpcft.train: checkpoint {path}")
 
     progress = ProgressDisplay(s.data.total_steps, enabled=s.rt.is_main, start=s.state.step)
+    sample_log = SampleLog(s.paths.sample_ids(s.rt.env.rank)) if os.environ.get(SAMPLE_LOG_VAR) == "1" else None
     with profiler_context(s.cfg.use_profiler, s.paths.profiler, s.rt.env.rank) as prof:
         result = train(s.engine, s.data.train_loader, s.cfg, s.rt, total_steps=s.data.total_steps, state=s.state,
-                       metrics=metrics, progress=progress, flops=s.flops, save=save, profiler=prof, stop=stop)
+                       metrics=metrics, progress=progress, flops=s.flops, save=save, profiler=prof, stop=stop,
+                       seq2seq=s.data.seq2seq, sample_log=sample_log)
     progress.close()
+    if sample_log is not None:
+        sample_log.close()
     if result.steps_this_run:
         save(s.state)
     return result

@@ -7,6 +7,7 @@ hpcft.train.run; benchmarks build the same Session to measure what users run.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hpcft.paths import RunPaths
-from hpcft.train.checkpoint import TrainerState, agree_on_resume, load_checkpoint
+from hpcft.train.checkpoint import RunShape, TrainerState, agree_on_resume, load_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.data import Splits, load_splits, make_eval_loader, make_loader
 from hpcft.train.dist import Runtime, print0
@@ -24,6 +25,7 @@ from hpcft.train.model import (apply_activation_checkpointing, apply_lora, block
                                load_model, load_tokenizer)
 from hpcft.train.parallel import apply_strategy
 from hpcft.train.precision import Precision, resolve_precision
+from hpcft.worldplan import SavedRun, adapt, read_saved
 
 
 @dataclass
@@ -55,6 +57,34 @@ class Session:
     flops: FlopsModel
     state: TrainerState  # where training starts: fresh, or loaded from resume_from
     resume_from: Path | None
+    adaptation: str | None  # how the resume was adapted to this world size (None: fresh start)
+
+    @property
+    def shape(self) -> RunShape:
+        cfg = self.cfg
+        return RunShape(self.rt.env.world_size, cfg.batch_size_training, cfg.gradient_accumulation_steps,
+                        self.data.total_steps, cfg.strategy, cfg.use_peft)
+
+
+@dataclass(frozen=True)
+class Resume:
+    path: Path
+    saved: SavedRun
+    adaptation: str
+
+
+def plan_resume(cfg: TrainConfig, rt: Runtime, paths: RunPaths) -> tuple[TrainConfig, Resume | None]:
+    """The checkpoint cfg.resume names (every rank agrees on one), and cfg with the gradient
+    accumulation that keeps its global batch on this world size (hpcft.worldplan)."""
+    path = agree_on_resume(cfg.resume, paths, rt)
+    if path is None:
+        return cfg, None
+    saved = read_saved(path)
+    plan = adapt(saved, world_size=rt.env.world_size, micro_batch=cfg.batch_size_training,
+                 accum=cfg.gradient_accumulation_steps, strategy=cfg.strategy, use_peft=cfg.use_peft)
+    if plan.accum != cfg.gradient_accumulation_steps:
+        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=plan.accum)
+    return cfg, Resume(path, saved, plan.describe())
 
 
 def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
@@ -62,23 +92,30 @@ def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
     seq2seq = is_seq2seq(cfg)
     tokenizer = load_tokenizer(cfg)
     splits = load_splits(cfg, tokenizer, seq2seq=seq2seq)
-    train_loader = make_loader(splits.train, batch_size=cfg.batch_size_training, shuffle=True, rank=env.rank,
+    train_loader = make_loader(splits.train, batch_size=cfg.batch_size_training,
+                               accum=cfg.gradient_accumulation_steps, shuffle=True, rank=env.rank,
                                world_size=env.world_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
                                num_workers=cfg.num_workers_dataloader)
     eval_loader = (make_eval_loader(splits.eval, batch_size=cfg.val_batch_size, rank=env.rank,
                                     world_size=env.world_size, pad_id=tokenizer.pad_token_id)
                    if splits.eval is not None and cfg.run_validation else None)
-    steps_per_epoch, total_steps = plan_steps(cfg, len(train_loader))
+    sampler = train_loader.batch_sampler
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = plan_steps(cfg, steps_per_epoch)
     print0(rt, f"hpcft.train: {len(splits.train)} train examples ({splits.form}, {cfg.batching_strategy}), "
-               f"{steps_per_epoch} steps per epoch on {env.world_size} rank(s), {total_steps} steps in all")
+               f"global batch {sampler.global_batch} (micro-batch {cfg.batch_size_training} x accumulation "
+               f"{cfg.gradient_accumulation_steps} x {env.world_size} rank(s)), {steps_per_epoch} steps per epoch, "
+               f"{total_steps} steps in all")
     return Data(tokenizer, splits, train_loader, eval_loader, seq2seq, steps_per_epoch, total_steps)
 
 
 def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data | None = None) -> Session:
     """Data (unless given), model (LoRA, activation checkpointing), the strategy's engine, and the
-    checkpoint named by cfg.resume loaded into it."""
+    checkpoint named by cfg.resume loaded into it, on this world size whatever the saved one."""
     torch.manual_seed(cfg.seed)
-    data = data if data is not None else build_data(cfg, rt)
+    cfg, resume = plan_resume(cfg, rt, paths)
+    if data is None or data.train_loader.batch_sampler.accum != cfg.gradient_accumulation_steps:
+        data = build_data(cfg, rt)
     precision = resolve_precision(cfg.precision)
     low_cpu = cfg.strategy == "fsdp" and cfg.low_cpu_fsdp and rt.env.distributed
     model = load_model(cfg, seq2seq=data.seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main)
@@ -94,10 +131,12 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
     del full_state, model
     print0(rt, f"hpcft.train: {n_params:,} parameters, {n_trainable:,} trainable"
                f"{' (LoRA r=%d)' % cfg.lora_r if cfg.use_peft else ''}")
-    resume_from = agree_on_resume(cfg.resume, paths, rt)
-    state = load_checkpoint(engine, resume_from, rt) if resume_from else TrainerState()
-    if resume_from:
-        print0(rt, f"hpcft.train: resumed from {resume_from} at step {state.step}")
+    state = TrainerState()
+    if resume is not None:
+        state = load_checkpoint(engine, resume.path, rt, saved=resume.saved)
+        print0(rt, f"hpcft.train: resumed from {resume.path} at step {state.step} (epoch {state.epoch}, "
+                   f"global sample {state.samples_in_epoch}); {resume.adaptation}")
     peak, peak_source = peak_flops(cfg.peak_tflops, rt.device, precision.autocast_dtype or precision.param_dtype)
     flops = FlopsModel(n_params, n_layers, hidden, peak, peak_source)
-    return Session(cfg, rt, paths, data, precision, engine, n_params, n_trainable, flops, state, resume_from)
+    return Session(cfg, rt, paths, data, precision, engine, n_params, n_trainable, flops, state,
+                   resume.path if resume else None, resume.adaptation if resume else None)
