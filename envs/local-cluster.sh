@@ -3,6 +3,7 @@
 # in its own UTS namespace (distinct hostnames), 4 fake GPUs per node as gres (character devices).
 #   bash envs/local-cluster.sh up [--nodes N]   # idempotent; waits until every node is idle
 #   eval "$(bash envs/local-cluster.sh env)"    # SLURM_CONF for sbatch/srun/squeue
+#   bash envs/local-cluster.sh kill-node node3  # a node lost for good (slurmd and its job processes)
 #   bash envs/local-cluster.sh down             # cancels every job, stops every daemon, kills what jobs
 #                                               # left behind, removes /etc/hosts lines
 # Needs root (mknod, unshare, /etc/hosts). Facts behind it: shared/notes/local-slurm.md.
@@ -182,10 +183,28 @@ cluster_down() {
   [ "${1:-}" = quiet ] || log "down"
 }
 
+# A node that never comes back: its slurmd and everything it started (slurmstepd, the job's launcher and
+# ranks on that node) killed at once, as a power loss would. Each node lives in its own UTS namespace,
+# so that namespace is exactly the node's processes. Slurm marks it DOWN after SlurmdTimeout.
+node_kill() {
+  local node=${1:-} pidfile ns pid
+  [[ "$node" =~ ^node[0-9]+$ ]] || { echo "local-cluster: usage: kill-node nodeN" >&2; exit 2; }
+  pidfile="$DIR/slurmd-$node.pid"
+  pid_alive "$pidfile" || { echo "local-cluster: $node has no running slurmd" >&2; exit 2; }
+  ns=$(readlink "/proc/$(cat "$pidfile")/ns/uts")
+  [ "$ns" != "$(readlink /proc/$$/ns/uts)" ] || { echo "local-cluster: $node shares this shell's namespace" >&2; exit 2; }
+  for pid in /proc/[0-9]*; do
+    [ "$(readlink "$pid/ns/uts" 2>/dev/null)" = "$ns" ] && kill -9 "${pid#/proc/}" 2>/dev/null || true
+  done
+  rm -f "$pidfile"
+  log "$node killed (slurmd and its jobs' processes); Slurm marks it DOWN after SlurmdTimeout"
+}
+
 case "${1:-}" in
   up) shift; cluster_up "$@" ;;
+  kill-node) node_kill "${2:-}" ;;
   down) cluster_down ;;
   env) echo "export SLURM_CONF=$CONF" ;;
   status) SLURM_CONF=$CONF sinfo -N -o '%N %T %G %c' ;;
-  *) echo "usage: $0 up [--nodes N] | down | env | status" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--nodes N] | down | kill-node nodeN | env | status" >&2; exit 2 ;;
 esac

@@ -111,11 +111,12 @@ def status(args: argparse.Namespace, _command: list[str]) -> int:
                 rows.append(info)
             else:
                 err.print(f"hpcft: no job {jid} in squeue, scontrol or sacct")
-    table = Table(*jobs.SQUEUE_FIELDS, "ExitCode", title="hpcft jobs")
+    table = Table(*jobs.SQUEUE_FIELDS, "ExitCode", "Restarts", title="hpcft jobs")
     colours = {"RUNNING": "green", "PENDING": "yellow", "COMPLETED": "blue", "FAILED": "red", "CANCELLED": "magenta"}
     for r in rows:
         c = colours.get(r.state.split()[0], "white")
-        table.add_row(r.job_id, r.name, f"[{c}]{r.state}[/]", r.elapsed, r.time_limit, r.nodes, r.reason, r.exit_code)
+        table.add_row(r.job_id, r.name, f"[{c}]{r.state}[/]", r.elapsed, r.time_limit, r.nodes, r.reason, r.exit_code,
+                      r.restarts)
     if rows:
         console.print(table)
     elif not job_ids:

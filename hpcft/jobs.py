@@ -1,13 +1,14 @@
 """squeue / scontrol / sacct / scancel, read back into plain data for `hpcft status|cancel|submit --wait`."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 from dataclasses import dataclass
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE"}
-SQUEUE_FIELDS = ("JobID", "Name", "State", "Elapsed", "TimeLimit", "Nodes", "Reason")
+SQUEUE_FIELDS = ("JobID", "Name", "State", "Elapsed", "TimeLimit", "Nodes", "NodeList (Reason)")
 SQUEUE_FORMAT = "%i|%j|%T|%M|%l|%D|%R"
 
 
@@ -21,6 +22,7 @@ class JobInfo:
     nodes: str
     reason: str  # nodelist when running, why it waits when pending
     exit_code: str = ""
+    restarts: str = ""  # times Slurm requeued it (time limit, node failure, hpcft's own requeue)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -42,7 +44,18 @@ def queue(job_ids: list[str] | None = None) -> list[JobInfo]:
     proc = _run(argv)
     if proc.returncode != 0:
         return []
-    return [JobInfo(*line.split("|", 6)) for line in proc.stdout.splitlines() if line.count("|") >= 6]
+    rows = [JobInfo(*line.split("|", 6)) for line in proc.stdout.splitlines() if line.count("|") >= 6]
+    restarts = _restart_counts()
+    return [dataclasses.replace(r, restarts=restarts.get(r.job_id, "")) for r in rows]
+
+
+def _restart_counts() -> dict[str, str]:
+    """job id -> Restarts, for every job slurmctld knows, in one call (squeue cannot show it)."""
+    proc = _run(["scontrol", "-o", "show", "job"])
+    if proc.returncode != 0:
+        return {}
+    jobs = (parse_scontrol(line) for line in proc.stdout.splitlines())
+    return {d["JobId"]: d.get("Restarts", "") for d in jobs if "JobId" in d}
 
 
 def parse_scontrol(text: str) -> dict[str, str]:
@@ -61,7 +74,7 @@ def job_info(job_id: str) -> JobInfo | None:
         d = parse_scontrol(proc.stdout.splitlines()[0])
         return JobInfo(job_id, d.get("JobName", ""), d.get("JobState", "UNKNOWN"), d.get("RunTime", ""),
                        d.get("TimeLimit", ""), d.get("NumNodes", ""), d.get("NodeList", "") or d.get("Reason", ""),
-                       d.get("ExitCode", ""))
+                       d.get("ExitCode", ""), d.get("Restarts", ""))
     proc = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,JobName,State,Elapsed,Timelimit,NNodes,NodeList,ExitCode"])
     if proc.returncode == 0 and proc.stdout.strip():
         f = proc.stdout.splitlines()[0].split("|")
