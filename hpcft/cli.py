@@ -23,6 +23,7 @@ FLAG_KEYS = {
     "constraint": "resources.constraint", "job_name": "name", "output_dir": "output_dir",
     "backend": "launch.backend",
 }
+FLAG_HELP = {"nodes": "a count, or an elastic range MIN-MAX (e.g. 2-4) that Slurm may start on any count in"}
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -38,12 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcft", description="Slurm-aware LLM fine-tuning.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("submit", help="render a job spec into an sbatch script and submit it")
+    s = sub.add_parser("submit", help="render a job spec into an sbatch script and submit it",
+                       description="Check the job on the login node, render it and submit it. Bad input (spec "
+                                   "fields, duplicate keys, Slurm times, missing model or data, non-UTF-8 or malformed "
+                                   "data, DeepSpeed JSON, LoRA targets, resume checkpoint, partition capacity and GPU "
+                                   "type) is one line naming the field, exit status 2, nothing submitted.")
     s.add_argument("spec", nargs="?", help="YAML job spec (default: built-in defaults)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
     for flag in FLAG_KEYS:
-        s.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=flag.upper())
-    s.add_argument("--dry-run", action="store_true", help="print the script that would be submitted")
+        s.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=flag.upper(), help=FLAG_HELP.get(flag))
+    s.add_argument("--dry-run", action="store_true",
+                   help="run every check, then print the script that would be submitted instead of submitting it")
+    s.add_argument("--no-check", action="store_true",
+                   help="skip the login-node checks (model, data, DeepSpeed JSON, resume checkpoint, LoRA targets, "
+                        "sinfo capacity and GPU type), e.g. to render on a machine without the model")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it failed")
     s.set_defaults(func=commands.submit)
 

@@ -23,7 +23,7 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     from hpcft.render import render_sbatch
     from hpcft.render_submitit import render_submitit
     from hpcft.spec import load_spec, resolve_paths
-    from hpcft.submit import SubmitError
+    from hpcft.submit import SubmitError, check_before_queue
     from hpcft.submit import submit as do_submit
 
     spec_path, dry_run, wait = args.spec, args.dry_run, args.wait
@@ -33,13 +33,16 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     spec = resolve_paths(spec, Path.cwd())
     source = spec_path or "hpcft defaults"
     if dry_run:
+        # The same checks as a real submission, so a dry run that prints a script means it would queue.
+        for note in [] if args.no_check else check_before_queue(spec):
+            err.print(f"hpcft: note: {note}")
         if spec.launch.backend == "submitit":
             sys.stdout.write(render_submitit(spec, python=shlex.quote(sys.executable)))
         else:
             sys.stdout.write(render_sbatch(spec, source=source))
         return 0
     try:
-        sub = do_submit(spec, source=source)
+        sub = do_submit(spec, source=source, check=not args.no_check)
     except SubmitError as exc:
         err.print(f"hpcft: error: {exc}")
         return 2

@@ -34,10 +34,16 @@ def read_jsonl(path: str | Path, field: str = "train.data_path", limit: int = 0)
     if not p.is_file():
         raise SpecError(field, f"no such file {str(p)!r}; point it at a local JSONL file")
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit and len(rows) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8(field, p, lineno, offset + exc.start, raw[exc.start]) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -50,6 +56,38 @@ def read_jsonl(path: str | Path, field: str = "train.data_path", limit: int = 0)
     if not rows:
         raise SpecError(field, f"{p} holds no examples; add JSONL lines")
     return rows
+
+
+def not_utf8(field: str, path: Path, lineno: int, offset: int, byte: int) -> SpecError:
+    return SpecError(field, f"{path}:{lineno} is not UTF-8 (byte 0x{byte:02x} at offset {offset}); convert the file, "
+                            f"e.g. iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}")
+
+
+def check_utf8(path: str | Path, field: str, block: int = 1 << 20) -> None:
+    """The whole file decodes as UTF-8, read in `block`-byte pieces (data files can be GBs); the first
+    bad byte is named with its line and byte offset."""
+    p = Path(path)
+    done = 0  # bytes before `pending`, all valid
+    lines = 1  # line number at `done`
+    pending = b""  # a multi-byte character cut by the block boundary, carried into the next block
+    with p.open("rb") as f:
+        while True:
+            chunk = f.read(block)
+            data = pending + chunk
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as exc:
+                # A character cut at the end of a block is completed by the next one; anything else is bad.
+                if not chunk or exc.reason != "unexpected end of data" or exc.end != len(data):
+                    lines += data.count(b"\n", 0, exc.start)
+                    raise not_utf8(field, p, lines, done + exc.start, data[exc.start]) from None
+                good = exc.start
+            lines += data.count(b"\n", 0, good)
+            done += good
+            pending = data[good:]
+            if not chunk:
+                return
 
 
 def detect_format(rows: list[dict], wanted: str, field: str) -> str:

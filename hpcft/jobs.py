@@ -101,6 +101,17 @@ class NodeInfo:
     mem_mb: int
     partitions: tuple[str, ...]
     state: str
+    gpu_types: tuple[str, ...] = ()  # typed GPUs in its gres (a100 of gpu:a100:4); untyped gres has none
+
+
+def parse_gres_types(gres: str) -> tuple[str, ...]:
+    """'gpu:a100:2(S:0),gpu:v100:2' -> ('a100', 'v100'); 'gpu:4' -> ()."""
+    types = []
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) == 3 and parts[1] not in types:
+            types.append(parts[1])
+    return tuple(types)
 
 
 def parse_gres_gpus(gres: str) -> int:
@@ -130,7 +141,7 @@ def nodes() -> list[NodeInfo] | None:
         old = by_name.get(f[0])
         parts = (old.partitions if old else ()) + (f[3].rstrip("*"),) + (("<default>",) if f[3].endswith("*") else ())
         mem = int(f[5]) if f[5].isdigit() else 0
-        by_name[f[0]] = NodeInfo(f[0], int(f[1]), parse_gres_gpus(f[2]), mem, parts, f[4])
+        by_name[f[0]] = NodeInfo(f[0], int(f[1]), parse_gres_gpus(f[2]), mem, parts, f[4], parse_gres_types(f[2]))
     return list(by_name.values())
 
 

@@ -31,7 +31,8 @@ def submitit_parameters(spec: JobSpec) -> dict:
     """Keyword arguments for SlurmExecutor.update_parameters."""
     r = spec.resources
     params: dict = dict(
-        job_name=spec.name, nodes=r.nodes, ntasks_per_node=1, cpus_per_task=r.cpus_per_task,
+        job_name=spec.name, nodes=r.nodes.min, ntasks_per_node=1,  # a single count (validate_spec)
+        cpus_per_task=r.cpus_per_task,
         time=time_to_minutes(r.time), partition=r.partition, account=r.account, qos=r.qos,
         constraint=r.constraint, mem=r.mem, exclusive=True if r.exclusive else None,
         srun_args=list(SRUN_FLAGS), setup=list(spec.launch.setup) or None,

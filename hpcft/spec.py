@@ -31,10 +31,46 @@ SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(
 
 
 @dataclass(frozen=True)
+class NodeRange:
+    """Nodes to ask for: a count (min == max) or Slurm's elastic range min-max (--nodes=2-4), where
+    Slurm may start the job on any count in the range and the launcher takes what was granted."""
+
+    min: int = 1
+    max: int = 1
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "resources.nodes") -> "NodeRange":
+        """2, "2" or "2-4" -> NodeRange; anything else is a SpecError saying how to write it."""
+        if isinstance(value, NodeRange):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(value)) if not isinstance(value, bool) else None
+        if m is None:
+            raise SpecError(where, f"write a node count such as 2 or a range such as 2-4 (got {value!r})")
+        low = int(m.group(1))
+        high = int(m.group(2)) if m.group(2) is not None else low
+        if low < 1:
+            raise SpecError(where, f"must be >= 1 (got {value})")
+        if high < low:
+            raise SpecError(where, f"a range is written min-max with min <= max (got {value}); e.g. {high}-{low}")
+        return cls(low, high)
+
+    @property
+    def elastic(self) -> bool:
+        return self.max != self.min
+
+    def counts(self) -> range:
+        """Every node count Slurm may grant."""
+        return range(self.min, self.max + 1)
+
+    def __str__(self) -> str:
+        return f"{self.min}-{self.max}" if self.elastic else str(self.min)
+
+
+@dataclass(frozen=True)
 class Resources:
     """What the job asks Slurm for. Counts live here only; launchers read them back from Slurm."""
 
-    nodes: int = 1  # number of nodes (--nodes)
+    nodes: NodeRange = field(default_factory=NodeRange)  # --nodes: a count (2) or an elastic range (2-4)
     gpus_per_node: int = 1  # GPUs per node; on a node without CUDA, CPU ranks per node
     gpu_type: str | None = None  # e.g. "a100"; YAML may write gpus_per_node: "a100:4"
     gres: bool = False  # ask as --gres=gpu[:type]:N instead of --gpus-per-node
@@ -109,14 +145,15 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def spec_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise SpecError("spec", "the file must hold a YAML mapping")
-    data = _deep_copy(data)
+    data = _deep_copy(dict(data or {}))
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
     res = data.get("resources")
+    if isinstance(res, dict) and "nodes" in res:
+        res["nodes"] = dataclasses.asdict(NodeRange.parse(res["nodes"]))
     if isinstance(res, dict) and "gpus_per_node" in res:
         count, gpu_type = _parse_gpus(res["gpus_per_node"])
         res["gpus_per_node"] = count
@@ -135,6 +172,53 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (YAML itself keeps the last one,
+    silently), naming the key's dotted path and both lines."""
+
+    def __init__(self, stream: str, name: str):
+        super().__init__(stream)
+        self.name = name
+        self._where: dict[int, str] = {}  # id(mapping node) -> its dotted path
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        prefix = self._where.get(id(node), "")
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            dotted = f"{prefix}{key}"
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise SpecError(dotted, f"written twice in {self.name} (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+            if isinstance(value_node, yaml.MappingNode):
+                self._where[id(value_node)] = dotted + "."
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_spec_file(path: Path) -> dict:
+    """The YAML mapping of a spec file: a syntax error, a duplicate key, an empty file or a top level
+    that is not a mapping is a SpecError."""
+    loader = _SpecLoader(path.read_text(), str(path))
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpecError("spec", f"{path} is not valid YAML{at}; fix the syntax") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise SpecError("spec", f"{path} is empty; write the job in it (e.g. copy jobs/samsum_tiny.yaml), "
+                                "or leave the spec out for the defaults")
+    if not isinstance(data, dict):
+        raise SpecError("spec", f"{path} must hold a YAML mapping with keys like resources:, train: "
+                                f"(its top level is a {type(data).__name__})")
+    return data
+
+
 def load_spec(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML job spec (None: the defaults) and apply dotted key=value overrides."""
     data: Any = {}
@@ -142,14 +226,7 @@ def load_spec(path: str | Path | None, overrides: list[str] | tuple[str, ...] = 
         p = Path(path)
         if not p.is_file():
             raise SpecError("spec", f"no such file {str(p)!r}; pass a YAML file such as jobs/samsum_tiny.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise SpecError("spec", f"{p} is not valid YAML{at}; fix the syntax") from None
-        if not isinstance(data, dict):
-            raise SpecError("spec", f"{p} must hold a YAML mapping with keys like resources:, train:")
+        data = read_spec_file(p)
     return spec_from_dict(data, overrides)
 
 
@@ -158,21 +235,31 @@ def load_spec(path: str | Path | None, overrides: list[str] | tuple[str, ...] = 
 
 
 def time_to_minutes(value: str) -> int:
-    """Slurm time strings: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    """Slurm time strings: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. Slurm itself accepts
+    25:99:99 and carries the excess over; we refuse it (ValueError saying which part is out of range),
+    since such a value is almost always a typo."""
     m = _TIME.match(value)
     if not m:
-        raise ValueError(value)
+        raise ValueError(f"write a Slurm time such as 30, 02:00:00 or 1-00:00:00 (got {value!r})")
     days, a, b, c = m.groups()
     nums = [int(x) for x in (a, b, c) if x is not None]
     if days is not None:
         h, mnt, s = (nums + [0, 0, 0])[:3]
-        return int(days) * 1440 + h * 60 + mnt + (1 if s else 0)
-    if len(nums) == 1:
-        return nums[0]
-    if len(nums) == 2:
-        return nums[0] + (1 if nums[1] else 0)
-    h, mnt, s = nums
-    return h * 60 + mnt + (1 if s else 0)
+        bounded = {"hours": h, "minutes": mnt, "seconds": s}
+    elif len(nums) == 1:
+        h, mnt, s = 0, nums[0], 0
+        bounded = {}
+    elif len(nums) == 2:
+        h, mnt, s = 0, nums[0], nums[1]
+        bounded = {"seconds": s}
+    else:
+        h, mnt, s = nums
+        bounded = {"minutes": mnt, "seconds": s}
+    for part, n in bounded.items():
+        limit = 24 if part == "hours" else 60
+        if n >= limit:
+            raise ValueError(f"{part} must be < {limit} in {value!r}; write e.g. 02:00:00 or 1-12:00:00")
+    return int(days or 0) * 1440 + h * 60 + mnt + (1 if s else 0)
 
 
 def validate_spec(spec: JobSpec) -> None:
@@ -182,8 +269,8 @@ def validate_spec(spec: JobSpec) -> None:
     if not spec.output_dir or any(c in '"%\\' or ord(c) < 32 or ord(c) == 127 for c in spec.output_dir):
         raise SpecError("output_dir", "goes into #SBATCH --output, which Slurm parses itself: use a path without "
                                       f"double quotes, %, backslashes or control characters (got {spec.output_dir!r})")
-    if r.nodes < 1:
-        raise SpecError("resources.nodes", f"must be >= 1 (got {r.nodes})")
+    if not 1 <= r.nodes.min <= r.nodes.max:
+        raise SpecError("resources.nodes", f"write a node count such as 2 or a range such as 2-4 (got {r.nodes})")
     if r.gpus_per_node < 0:
         raise SpecError("resources.gpus_per_node", f"must be >= 0 (got {r.gpus_per_node})")
     if r.gpu_type is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", r.gpu_type):
@@ -196,8 +283,8 @@ def validate_spec(spec: JobSpec) -> None:
         raise SpecError("resources.mem", f"write memory as Slurm does, e.g. 64G or 0 (got {r.mem!r})")
     try:
         minutes = time_to_minutes(r.time)
-    except ValueError:
-        raise SpecError("resources.time", f"write a Slurm time such as 30, 02:00:00 or 1-00:00:00 (got {r.time!r})") from None
+    except ValueError as exc:
+        raise SpecError("resources.time", str(exc)) from None
     if minutes < 1:
         raise SpecError("resources.time", f"must be at least one minute (got {r.time!r})")
     for key in ("partition", "account", "qos", "constraint"):
@@ -208,6 +295,10 @@ def validate_spec(spec: JobSpec) -> None:
     ln = spec.launch
     if ln.backend not in ("sbatch", "submitit"):
         raise SpecError("launch.backend", f"must be sbatch or submitit (got {ln.backend!r})")
+    if ln.backend == "submitit" and r.nodes.elastic:
+        # submitit counts a job's tasks as nodes x tasks per node when it submits: it needs one number.
+        raise SpecError("resources.nodes", f"a node range ({r.nodes}) needs launch.backend sbatch; submitit "
+                                           "takes a single node count")
     if ln.rdzv_port is not None and not 1024 <= ln.rdzv_port <= 65535:
         raise SpecError("launch.rdzv_port", f"must be between 1024 and 65535 (got {ln.rdzv_port})")
     if ln.signal_lead_s < 0:

@@ -12,11 +12,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpcft.checks import check_deepspeed_json, check_lora_targets
+from hpcft.dataformat import check_utf8
 from hpcft.distenv import PYTHON_VAR
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths, job_dir, slurm_output
 from hpcft.render import entry_command, render_sbatch
 from hpcft.render_submitit import MAX_TIMEOUTS, submitit_folder, submitit_parameters
+from hpcft.resume import check_resume
 from hpcft.spec import JobSpec
 
 
@@ -51,7 +54,28 @@ def check_inputs(spec: JobSpec) -> None:
             raise SpecError(field, f"no such file {path}; point it at an existing file")
         if path is not None and not os.access(path, os.R_OK):
             raise SpecError(field, f"{path} is not readable; fix its permissions")
+    if t.deepspeed_config:
+        check_deepspeed_json(t.deepspeed_config)
+    if t.use_peft:
+        check_lora_targets(t.model_name, t.lora_target_modules)
+    check_resume(spec)
+    for field, path in (("train.data_path", t.data_path), ("train.eval_data_path", t.eval_data_path)):
+        if path is not None:
+            check_utf8(path, field)
     check_data(spec)
+
+
+def check_before_queue(spec: JobSpec) -> list[str]:
+    """Everything the login node can check (inputs, then what the partition has), as submit runs it and
+    `--dry-run` too. Returns notes on what could not be checked."""
+    check_inputs(spec)
+    from hpcft.jobs import nodes
+
+    cluster = nodes()
+    check_capacity(spec, cluster)
+    if cluster is None:
+        return ["sinfo did not answer: partition, node count, GPU type, CPUs and memory were not checked"]
+    return []
 
 
 def check_data(spec: JobSpec) -> None:
@@ -73,7 +97,7 @@ def check_data(spec: JobSpec) -> None:
 
 def check_capacity(spec: JobSpec, cluster_nodes) -> None:
     """Ask Slurm (sinfo) what the partition has, and refuse a request it can never run with the
-    field to change, instead of sbatch's generic refusal."""
+    field to change, instead of sbatch's generic refusal. A node range can run once its minimum fits."""
     if cluster_nodes is None:
         return  # sinfo unavailable: sbatch still refuses what cannot run
     r = spec.resources
@@ -82,9 +106,17 @@ def check_capacity(spec: JobSpec, cluster_nodes) -> None:
     if not pool:
         raise SpecError("resources.partition", f"Slurm has no partition {part!r}; pick one that sinfo lists")
     where = f"partition {r.partition}" if r.partition else "the default partition"
-    if r.nodes > len(pool):
+    if r.nodes.min > len(pool):
         raise SpecError("resources.nodes", f"{where} has {len(pool)} node(s); ask for at most {len(pool)} "
                                            f"(got {r.nodes})")
+    if r.gpu_type and r.gpus_per_node:
+        typed = [n for n in pool if r.gpu_type in n.gpu_types]
+        if not typed:
+            types = sorted({t for n in pool for t in n.gpu_types})
+            fix = (f"GPU types there: {', '.join(types)}; use one of them" if types else
+                   f"its nodes list no GPU types; drop the type (gpus_per_node: {r.gpus_per_node})")
+            raise SpecError("resources.gpu_type", f"no node in {where} has {r.gpu_type} GPUs ({fix})")
+        pool = typed
     max_gpus = max(n.gpus for n in pool)
     if r.gpus_per_node > max_gpus:
         raise SpecError("resources.gpus_per_node", f"nodes in {where} have at most {max_gpus} GPU(s); "
@@ -95,7 +127,7 @@ def check_capacity(spec: JobSpec, cluster_nodes) -> None:
         raise SpecError("resources.mem", f"nodes in {where} have at most {max_mem} MB; ask for less, or 0 for a "
                                          f"whole node's memory (got {r.mem})")
     fitting = [n for n in pool if n.gpus >= r.gpus_per_node and n.cpus >= r.cpus_per_task]
-    if len(fitting) < r.nodes:
+    if len(fitting) < r.nodes.min:
         max_cpus = max(n.cpus for n in pool)
         raise SpecError("resources.cpus_per_task", f"only {len(fitting)} node(s) in {where} have "
                                                    f"{r.cpus_per_task} CPUs and {r.gpus_per_node} GPUs; nodes have "
@@ -171,11 +203,10 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def submit(spec: JobSpec, *, source: str) -> Submitted:
-    check_inputs(spec)
-    from hpcft.jobs import nodes
-
-    check_capacity(spec, nodes())
+def submit(spec: JobSpec, *, source: str, check: bool = True) -> Submitted:
+    """Check (unless check is False: `hpcft submit --no-check`), then submit through the spec's backend."""
+    if check:
+        check_before_queue(spec)
     if spec.launch.backend == "submitit":
         return submit_submitit(spec)
     return submit_sbatch(spec, render_sbatch(spec, source=source))

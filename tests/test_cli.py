@@ -1,4 +1,5 @@
 """The CLI as users run it, without a cluster: bad input is one line, exit 2, nothing written."""
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ def hpcft(*args, cwd, env=None):
 
 
 def test_dry_run_prints_the_script_with_overrides(tmp_path):
-    proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/samsum_tiny.yaml"), "--nodes", "3", "train.lr=3e-4",
+    # --no-check: render without the model and data the spec names (they are not in tmp_path).
+    proc = hpcft("submit", "--dry-run", "--no-check", str(ROOT / "jobs/samsum_tiny.yaml"), "--nodes", "3", "train.lr=3e-4",
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("#!/bin/bash\n")
@@ -27,7 +29,7 @@ def test_dry_run_prints_the_script_with_overrides(tmp_path):
 
 
 def test_dry_run_submitit_prints_submitits_script_and_writes_nothing(tmp_path):
-    proc = hpcft("submit", "--dry-run", "--backend", "submitit", str(ROOT / "jobs/samsum_tiny.yaml"), "--nodes", "2",
+    proc = hpcft("submit", "--dry-run", "--no-check", "--backend", "submitit", str(ROOT / "jobs/samsum_tiny.yaml"), "--nodes", "2",
                  "--gpus-per-node", "3", "resources.time=00:30:00", "launch.signal_lead_s=90", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("#!/bin/bash\n")
@@ -42,7 +44,7 @@ def test_dry_run_submitit_prints_submitits_script_and_writes_nothing(tmp_path):
 
 
 def test_user_command_after_double_dash(tmp_path):
-    proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/samsum_tiny.yaml"), "--", "my_train.py", "--my-arg", "a b",
+    proc = hpcft("submit", "--dry-run", "--no-check", str(ROOT / "jobs/samsum_tiny.yaml"), "--", "my_train.py", "--my-arg", "a b",
                  cwd=tmp_path)
     assert proc.returncode == 0
     assert "-m hpcft.launch --node -- my_train.py --my-arg 'a b' \"$@\"" in proc.stdout.replace(" \\\n  ", " ")
@@ -94,7 +96,7 @@ def test_qlora_without_bitsandbytes_fails_before_submission(tmp_path, tiny_model
 
 def test_relative_paths_resolve_against_the_submit_directory(tmp_path):
     (tmp_path / "ds.json").write_text("{}")
-    proc = hpcft("submit", "--dry-run", str(ROOT / "jobs/zero3_tiny.yaml"), "train.deepspeed_config=ds.json",
+    proc = hpcft("submit", "--dry-run", "--no-check", str(ROOT / "jobs/zero3_tiny.yaml"), "train.deepspeed_config=ds.json",
                  "train.resume=old/checkpoints/step-00000010", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout.replace(" \\\n  ", " ")
@@ -126,3 +128,147 @@ def test_bad_data_fails_at_submit_with_one_line(tmp_path, tiny_model, case):
     assert proc.stderr.startswith(f"hpcft: error: {field}: ") and proc.stderr.count("\n") == 1
     assert message in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything the login node can check is checked before the queue, by submit and --dry-run alike.
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _checkpoint(run: Path, step: int, *, engine: str, **state) -> Path:
+    """A complete checkpoint as hpcft writes it: trainer_state.json plus dcp/.metadata or zero/."""
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    (ckpt / engine).mkdir(parents=True)
+    if engine == "dcp":
+        (ckpt / "dcp" / ".metadata").write_bytes(b"x")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": 0, **state}))
+    return ckpt
+
+
+SHAPE = {"world_size": 4, "micro_batch": 4, "accum": 1, "strategy": "ddp", "use_peft": False, "total_steps": 40}
+LATIN1 = '{"dialogue": "a", "summary": "b"}\n'.encode() * 2502 + '{"dialogue": "café", "summary": "b"}\n'.encode("latin-1")
+SINFO_V100 = "#!/bin/sh\necho 'n1|8|gpu:v100:4|debug*|idle|16000'\necho 'n2|8|gpu:v100:4|debug*|idle|16000'\n"
+
+# case -> (spec fields, files to write (name -> text or bytes), extra args, field, message)
+BAD_INPUT = {
+    "ds-json-syntax": ({"train": {"strategy": "zero2", "deepspeed_config": "ds.json"}},
+                       {"ds.json": '{"train_batch_size": "auto",\n  "zero_optimization": {"stage": 2,}\n}'}, [],
+                       "train.deepspeed_config", "is not valid JSON at line 2 column 36 (Expecting property name enclosed in double quotes)"),
+    "ds-unknown-auto": ({"train": {"strategy": "zero2", "deepspeed_config": "ds.json"}},
+                        {"ds.json": '{"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}'}, [],
+                        "train.deepspeed_config", '"optimizer.params.lr": "auto" is not a field hpcft fills'),
+    "resume-missing": ({"train": {"resume": "old/checkpoints/step-00000010"}}, {}, [], "train.resume",
+                       "is not a complete checkpoint (no trainer_state.json)"),
+    "resume-half-written": ({"train": {"resume": "old/checkpoints/step-00000010"}},
+                            {"old/checkpoints/step-00000010/trainer_state.json": "{}"}, [], "train.resume",
+                            "is not a complete checkpoint (no dcp/.metadata or zero/)"),
+    "resume-other-strategy": ({"train": {"resume": "old/checkpoints/step-00000010", "strategy": "fsdp"}},
+                              {"old/checkpoints/step-00000010": ("zero", SHAPE)}, [], "train.resume",
+                              "holds a ZeRO (zero/) checkpoint, which strategy fsdp cannot load"),
+    "resume-world-size": ({"resources": {"nodes": 1, "gpus_per_node": 3},
+                           "train": {"resume": "old/checkpoints/step-00000010"}},
+                          {"old/checkpoints/step-00000010": ("dcp", SHAPE)}, [], "train.resume",
+                          "global batch of 16 (4 ranks x micro-batch 4 x accumulation 1) cannot be kept on 3 ranks"),
+    "resume-range": ({"resources": {"nodes": "1-3", "gpus_per_node": 2},
+                      "train": {"resume": "old/checkpoints/step-00000010"}},
+                     {"old/checkpoints/step-00000010": ("dcp", SHAPE)}, [], "train.resume",
+                     "cannot be kept on 6 ranks"),
+    "resume-latest": ({"train": {"resume": "latest", "strategy": "zero3"}},
+                      {"out/job/1234/checkpoints/step-00000010": ("dcp", SHAPE)}, [], "train.resume", "which strategy zero3 cannot load"),
+    "lora-targets": ({"train": {"use_peft": True, "lora_target_modules": ["q_proj", "query_key_value"]}}, {}, [],
+                     "train.lora_target_modules", "query_key_value not in"),
+    "no-model": ({"train": {"model_name": "no/such/model"}}, {}, [], "train.model_name", "no model directory"),
+    "not-utf8": ({"train": {"data_path": "latin1.jsonl"}}, {"latin1.jsonl": LATIN1}, [], "train.data_path",
+                 "latin1.jsonl:2503 is not UTF-8 (byte 0xe9 at offset 85085)"),
+    "eval-not-utf8": ({"train": {"eval_data_path": "latin1.jsonl"}}, {"latin1.jsonl": LATIN1}, [],
+                      "train.eval_data_path", "latin1.jsonl:2503 is not UTF-8"),
+    "duplicate-key": ("name: job\ntrain:\n  lr: 1e-4\n  lr: 3e-4\n", {}, [], "train.lr",
+                      "s.yaml (lines 3 and 4); keep one"),
+    "empty-spec": ("# only a comment\n", {}, [], "spec", "s.yaml is empty"),
+    "list-spec": ("- nodes: 2\n", {}, [], "spec", "must hold a YAML mapping"),
+    "slurm-time": ({"resources": {"time": "25:99:99"}}, {}, [], "resources.time", "minutes must be < 60 in '25:99:99'"),
+    "node-range": ({"resources": {"nodes": "4-2"}}, {}, [], "resources.nodes", "min <= max"),
+    "gpu-type": ({"resources": {"gpus_per_node": "a100:4"}}, {"bin/sinfo": SINFO_V100}, [], "resources.gpu_type",
+                 "no node in the default partition has a100 GPUs (GPU types there: v100; use one of them)"),
+}
+
+
+def _bad_input_case(case: str, tmp_path: Path, tiny_model: Path) -> tuple[Path, dict, list[str], str, str]:
+    spec_fields, files, extra, field, message = BAD_INPUT[case]
+    for name, content in files.items():
+        path = tmp_path / name
+        if isinstance(content, tuple):  # a checkpoint: (engine state dir, trainer_state fields)
+            engine, state = content
+            (path / engine).mkdir(parents=True)
+            if engine == "dcp":
+                (path / "dcp" / ".metadata").write_bytes(b"x")
+            (path / "trainer_state.json").write_text(json.dumps({"step": 10, "epoch": 0, **state}))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        if name.startswith("bin/"):
+            path.chmod(0o755)
+    spec = tmp_path / "s.yaml"
+    if isinstance(spec_fields, str):
+        spec.write_text(spec_fields)
+    else:
+        train = {"model_name": str(tiny_model), "data_path": str(ROOT / "data/samsum_tiny.jsonl"),
+                 **spec_fields.get("train", {})}
+        spec.write_text(yaml.safe_dump({**spec_fields, "name": "job", "output_dir": "out", "train": train}))
+    env = dict(os.environ, PATH=str(tmp_path / "bin"))  # no sbatch anywhere; sinfo only where a case fakes it
+    return spec, env, extra, field, message
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_before_the_queue(tmp_path, tiny_model, case, dry_run):
+    """Exit 2, one line naming the field and the fix, and nothing written: no output_dir, no run
+    directory, no file of any kind (sbatch is not on PATH: reaching it would be a different error)."""
+    spec, env, extra, field, message = _bad_input_case(case, tmp_path, tiny_model)
+    before = _tree(tmp_path)
+    proc = hpcft("submit", *(["--dry-run"] if dry_run else []), str(spec), *extra, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"hpcft: error: {field}: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    assert _tree(tmp_path) == before
+
+
+def test_no_check_renders_without_the_model(tmp_path):
+    spec, env, _, _, _ = _bad_input_case("no-model", tmp_path, tmp_path / "absent")
+    proc = hpcft("submit", "--dry-run", "--no-check", str(spec), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!/bin/bash\n") and proc.stderr == ""
+
+
+def test_dry_run_without_slurm_checks_the_rest_and_says_what_it_skipped(tmp_path, tiny_model):
+    spec, env, _, _, _ = _bad_input_case("no-model", tmp_path, tiny_model)
+    spec.write_text(yaml.safe_dump({"name": "job", "output_dir": "out", "resources": {"nodes": "2-4"},
+                                    "train": {"model_name": str(tiny_model), "use_peft": True,
+                                              "data_path": str(ROOT / "data/samsum_tiny.jsonl")}}))
+    proc = hpcft("submit", "--dry-run", str(spec), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2-4\n" in proc.stdout
+    assert proc.stderr.startswith("hpcft: note: sinfo did not answer") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_login_node_checks_import_no_torch(tmp_path, tiny_model):
+    """Every check before the queue (model header, LoRA targets, DeepSpeed JSON, resume, data) runs
+    without importing torch, transformers, datasets or deepspeed: seconds on a login node."""
+    (tmp_path / "ds.json").write_text('{"train_batch_size": "auto"}')
+    ckpt = tmp_path / "out/job/7/checkpoints/step-00000010"
+    (ckpt / "zero").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({**SHAPE, "strategy": "zero3", "use_peft": True, "step": 10}))
+    spec = {"name": "job", "output_dir": str(tmp_path / "out"), "train": {
+        "model_name": str(tiny_model), "data_path": str(ROOT / "data/samsum_tiny.jsonl"), "strategy": "zero3",
+        "deepspeed_config": str(tmp_path / "ds.json"), "use_peft": True, "resume": "latest"}}
+    code = ("import sys; from hpcft.spec import spec_from_dict; from hpcft.submit import check_before_queue; "
+            f"check_before_queue(spec_from_dict({spec!r})); "
+            "print(*[m in sys.modules for m in ('torch', 'transformers', 'datasets', 'deepspeed')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PATH="/nonexistent")).stdout
+    assert out.split() == ["False"] * 4

@@ -82,3 +82,14 @@ def test_submit_time_data_check_does_not_import_torch(tiny_model, tmp_path):
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_non_utf8_data_is_a_spec_error_with_line_and_offset(tmp_path):
+    """What the ranks read with (read_jsonl) and the login node's whole-file check name the same byte."""
+    from hpcft.dataformat import check_utf8
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"dialogue": "a", "summary": "b"}\n' * 2 + b'{"dialogue": "caf\xe9", "summary": "b"}\n')
+    for check in (lambda: read_jsonl(p), lambda: check_utf8(p, "train.data_path", block=7)):
+        with pytest.raises(SpecError, match=r"d.jsonl:3 is not UTF-8 \(byte 0xe9 at offset 85\)"):
+            check()

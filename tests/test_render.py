@@ -41,6 +41,16 @@ def test_counts_written_once_and_launcher_reads_slurm():
     assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in body
 
 
+def test_elastic_node_range_renders_slurms_own_range(update_goldens):
+    """--nodes=2-4 is the only count in the script: srun takes the granted nodes from Slurm's variables."""
+    spec = load_spec(ROOT / "jobs/samsum_tiny.yaml", ["resources.nodes=2-4"])
+    text = render_sbatch(spec, source="jobs/samsum_tiny.yaml with resources.nodes=2-4")
+    check_golden(GOLDEN / "elastic_nodes.sbatch", text, update_goldens)
+    assert "#SBATCH --nodes=2-4\n" in text
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert "--nodes=\"$SLURM_JOB_NUM_NODES\"" in body and "--ntasks" not in body.replace("--ntasks-per-node", "")
+
+
 def test_gres_and_gpu_type():
     spec = spec_from_dict({"resources": {"gpus_per_node": "h100:8", "gres": True}})
     assert "#SBATCH --gres=gpu:h100:8\n" in render_sbatch(spec)

@@ -47,6 +47,25 @@ def test_deepspeed_config_auto_fields_are_filled(stage):
         assert conf["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
+def test_login_node_knows_every_auto_field_the_ranks_fill(tmp_path):
+    """hpcft.checks.DEEPSPEED_AUTO_FIELDS (checked before the queue) is what deepspeed_config fills."""
+    import json
+
+    from hpcft.checks import DEEPSPEED_AUTO_FIELDS
+
+    conf: dict = {}
+    for dotted in DEEPSPEED_AUTO_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = conf
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = "auto"
+    path = tmp_path / "all_auto.json"
+    path.write_text(json.dumps(conf))
+    cfg = TrainConfig(strategy="zero3", deepspeed_config=str(path))
+    assert "auto" not in str(deepspeed_config(cfg, Runtime(env=DistEnv(), device=None, backend="gloo"), 3))
+
+
 def test_user_deepspeed_config_with_unknown_auto(tmp_path):
     p = tmp_path / "ds.json"
     p.write_text('{"zero_optimization": {"stage": 2, "mystery": "auto"}}')

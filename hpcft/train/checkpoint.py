@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from hpcft.distenv import FAULT_SAVE_DELAY_VAR
-from hpcft.errors import SpecError
 from hpcft.paths import CheckpointPaths, RunPaths
+from hpcft.resume import complete_checkpoints, find_resume  # torch-free: the login node checks resume too
 from hpcft.train.dist import Runtime, barrier
 from hpcft.worldplan import SavedRun
 
@@ -47,10 +47,6 @@ class RunShape:
     total_steps: int
     strategy: str
     use_peft: bool
-
-
-def complete_checkpoints(paths: RunPaths) -> list[CheckpointPaths]:
-    return [c for c in paths.checkpoint_dirs() if c.state.is_file()]
 
 
 def _rng_state() -> dict:
@@ -112,24 +108,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def find_resume(resume: str, paths: RunPaths) -> Path | None:
-    """auto: the newest complete checkpoint of this run directory (a requeued or restarted job);
-    latest: of any run of this job name (<output_dir>/<name>/*/checkpoints); never; or a path."""
-    if resume == "never":
-        return None
-    if resume not in ("auto", "latest"):
-        given = CheckpointPaths(Path(resume))
-        if not given.state.is_file():
-            raise SpecError("train.resume", f"{resume} is not a complete checkpoint (no {given.state.name}); "
-                                            "use auto, latest, never, or a checkpoints/step-N directory")
-        return given.dir
-    runs = [paths] if resume == "auto" else paths.sibling_runs()
-    found = [c for run in runs for c in complete_checkpoints(run)]
-    if not found:
-        return None
-    return max(found, key=lambda c: (c.step, c.dir.stat().st_mtime)).dir
 
 
 def agree_on_resume(resume: str, paths: RunPaths, rt: Runtime) -> Path | None:

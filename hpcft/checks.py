@@ -1,0 +1,89 @@
+"""Login-node checks of the files a job will read, without torch: the DeepSpeed JSON and the model's
+module names (from its safetensors header). submit.check_inputs runs them before anything is queued.
+
+    check_deepspeed_json("ds.json")
+    check_lora_targets("artifacts/tiny-llama", ("q_proj", "v_proj"))
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from hpcft.errors import SpecError
+
+# Every key (dotted path) of a DeepSpeed config whose "auto" hpcft fills from the spec: the keys of
+# the `auto` table in hpcft.train.parallel.deepspeed_config (tests/test_strategy_config.py keeps the two
+# in step). An "auto" anywhere else would reach DeepSpeed unfilled, after the queue.
+DEEPSPEED_AUTO_FIELDS = (
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping",
+    "bf16.enabled", "fp16.enabled", "zero_optimization.offload_optimizer.device",
+    "zero_optimization.offload_param.device", "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+)
+FIELD_DS = "train.deepspeed_config"
+
+
+def check_deepspeed_json(path: str) -> None:
+    """The file parses as a JSON object and every "auto" in it is one hpcft fills."""
+    try:
+        conf = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(FIELD_DS, f"{path} is not UTF-8 text; save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(FIELD_DS, f"{path} is not valid JSON at line {exc.lineno} column {exc.colno} "
+                                  f"({exc.msg}); fix the syntax there") from None
+    if not isinstance(conf, dict):
+        raise SpecError(FIELD_DS, f"{path} must hold a JSON object such as hpcft/configs/ds_zero3.json")
+    for dotted in _auto_keys(conf, ""):
+        if dotted not in DEEPSPEED_AUTO_FIELDS:
+            raise SpecError(FIELD_DS, f'{path}: "{dotted}": "auto" is not a field hpcft fills; set a value '
+                                      f"(hpcft fills: {', '.join(DEEPSPEED_AUTO_FIELDS)})")
+
+
+def _auto_keys(node: dict, prefix: str):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            yield f"{prefix}{key}"
+
+
+def model_module_names(model_dir: str | Path) -> list[str] | None:
+    """Names of the modules that hold weights (tensor names without their last part), read from the
+    safetensors index or headers; None when the model has no safetensors (pytorch_model.bin only)."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        tensors = list(json.loads(index.read_text())["weight_map"])
+    else:
+        files = sorted(d.glob("*.safetensors"))
+        if not files:
+            return None
+        tensors = [name for f in files for name in _safetensors_names(f)]
+    seen = dict.fromkeys(t.rpartition(".")[0] for t in tensors)
+    return [m for m in seen if m]
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    """Tensor names of a .safetensors file: 8 bytes of little-endian header length, then a JSON header."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return [k for k in header if k != "__metadata__"]
+
+
+def check_lora_targets(model_dir: str, targets: tuple[str, ...]) -> None:
+    """Every LoRA target matches a module as peft matches names (the whole name, or its last parts)."""
+    try:
+        modules = model_module_names(model_dir)
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise SpecError("train.model_name", f"cannot read the weight names of {model_dir} ({exc}); "
+                                            "check its safetensors files") from None
+    if modules is None or "all-linear" in targets:
+        return  # pytorch_model.bin only: no torch-free way to list modules; peft says so on the ranks
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        leaves = list(dict.fromkeys(m.rpartition(".")[2] for m in modules if not m.rpartition(".")[2].isdigit()))
+        raise SpecError("train.lora_target_modules", f"{', '.join(missing)} not in {model_dir}; its modules "
+                                                     f"include {', '.join(leaves[:12])}")
