@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--m", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--precision", default="fp32", help="bf16 works too, with bf16-sized differences")
     ap.add_argument("--offload", action="store_true", help="optimizer state in CPU memory (DeepSpeedCPUAdam)")
     ap.add_argument("--control", choices=["none", "fresh_adam", "sched_reset"], default="none",
                     help="after loading, throw away a piece of state (shows what the comparison catches)")
@@ -103,7 +104,7 @@ def main() -> None:
         cfg = TrainConfig(strategy=f"zero{stage}", batch_size_training=MICRO,
                           gradient_accumulation_steps=GLOBAL // MICRO // world, lr=1e-2, warmup_steps=1,
                           lr_scheduler="cosine", weight_decay=0.01, gradient_clipping_threshold=1.0,
-                          offload_optimizer=args.offload)
+                          offload_optimizer=args.offload, precision=args.precision)
         engine = apply_zero(tiny_model(), cfg=cfg, rt=rt, total_steps=args.n + args.m)
         ckpt = CheckpointPaths(Path(args.root) / f"zero{stage}" / f"step-{args.n:08d}")
         if args.phase == "ref":
