@@ -5,9 +5,9 @@ step sees the same global batch: the next 3 losses equal the uninterrupted 2-ran
 fp32 everywhere, so the only difference left is the order of the gradient sums (over ranks and
 micro-batches: 4 micro-batches summed as 2+2, 1+1+1+1 or 4 in one rank). Measured: at most 1.2e-7,
 one float32 rounding of a loss near 4.3. Throwing away the Adam moments and step after loading moves
-the same losses by 2e-2 to 3e-2, restarting the LR schedule by 2e-2 to 3e-2, and ZeRO-2's wrong slices
-under round_robin_gradients by 2e-4 on the first step (tests/zero_reshard_worker.py --control).
-About 80 s on 2 cores (three torchrun launches).
+the same losses by 2e-2 to 3e-2 and restarting the LR schedule by 2e-2 to 3e-2 (zero_reshard_worker.py
+--control); ZeRO-2's wrong slices under round_robin_gradients moved the first loss by 2e-4.
+About 65 s on 2 cores (three torchrun launches), up to 2 minutes while other work shares the cores.
 """
 import json
 import os
