@@ -54,6 +54,7 @@ class CheckpointPaths:
 
     dir: Path
     zero_tag = "zero"  # DeepSpeed's own checkpoint goes to <dir>/zero/
+    universal_tag = "universal"  # <dir>/zero/ converted for another world size (hpcft.train.universal)
 
     @property
     def state(self) -> Path:
@@ -64,6 +65,16 @@ class CheckpointPaths:
     @property
     def dcp(self) -> Path:
         return self.dir / "dcp"
+
+    @property
+    def universal(self) -> Path:
+        """DeepSpeed's universal checkpoint made from zero/ when resuming on another DP world size
+        (universal.tmp/ while it is converted)."""
+        return self.dir / self.universal_tag
+
+    @property
+    def universal_tmp(self) -> Path:
+        return self.dir / (self.universal_tag + TMP_SUFFIX)
 
     @property
     def engine_extra(self) -> Path:

@@ -122,7 +122,7 @@ def load_checkpoint(engine, path: Path, rt: Runtime, *, saved: SavedRun) -> Trai
     """Load `path` into the engine (resharding to this world size where it differs); the position to
     continue from, in global samples."""
     ckpt = CheckpointPaths(path)
-    engine.load(ckpt, saved_world=saved.world_size)
+    engine.load(ckpt)
     rng = ckpt.rng(rt.env.rank)
     if rng.exists():  # absent when resuming on more ranks than saved (resharding): keep the seed's RNG
         _set_rng_state(torch.load(rng, weights_only=False))

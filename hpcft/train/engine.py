@@ -71,7 +71,7 @@ class TorchEngine:
             extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
             torch.save(extra, ckpt.engine_extra)
 
-    def load(self, ckpt: CheckpointPaths, *, saved_world: int | None = None) -> None:
+    def load(self, ckpt: CheckpointPaths) -> None:
         """DCP reshards on load: any saved world size works."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -121,11 +121,32 @@ class ZeroEngine:
     def save(self, ckpt: CheckpointPaths, *, is_main: bool) -> None:
         self.model.save_checkpoint(str(ckpt.dir), tag=ckpt.zero_tag)
 
-    def load(self, ckpt: CheckpointPaths, *, saved_world: int | None = None) -> None:
-        path, _ = self.model.load_checkpoint(str(ckpt.dir), tag=ckpt.zero_tag, load_optimizer_states=True,
+    def load(self, ckpt: CheckpointPaths) -> None:
+        """Weights, optimizer and scheduler state, step count. On a DP world size other than the saved
+        one, through a universal checkpoint made once beside zero/ (hpcft.train.universal)."""
+        from hpcft.train.universal import ensure_universal, round_robin_problem, saved_dp_world
+
+        tag, world, saved = ckpt.zero_tag, self.model.seq_dp_world_size, saved_dp_world(ckpt)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        universal = saved != world
+        if universal:
+            zero = {"stage": self.stage, "round_robin_gradients": self.model.zero_round_robin_gradients()}
+            if round_robin_problem(zero, world):
+                raise RuntimeError(f"cannot load {ckpt.dir} (saved on {saved} ranks) on {world} ranks with "
+                                   f"ZeRO-{self.stage} and round_robin_gradients: DeepSpeed would put the weights "
+                                   "in the wrong places; set zero_optimization.round_robin_gradients to false")
+            ensure_universal(ckpt, is_main=rank == 0)
+            tag = ckpt.universal_tag
+        # DeepSpeed reads "checkpoint": {"load_universal"} only while loading (0.19.8), so it is set
+        # here, for this load, rather than in the config the engine was built with.
+        self.model._config.load_universal_checkpoint = universal
+        path, _ = self.model.load_checkpoint(str(ckpt.dir), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt.dir}")
+        if universal and rank == 0:
+            print(f"hpcft.zero: resumed {ckpt.dir} saved on {saved} ranks on {world} ranks "
+                  f"(universal checkpoint {ckpt.universal})", flush=True)
 
     def full_state_dict(self) -> dict | None:
         import deepspeed
