@@ -14,6 +14,7 @@ from hpcft.train.checkpoint import TrainerState
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime, all_reduce_max, all_reduce_sum
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay
+from hpcft.train.watchdog import Progress
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -87,7 +88,8 @@ class FlopsModel:
 
 def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, state: TrainerState,
           metrics: MetricsWriter, progress: ProgressDisplay, flops: FlopsModel,
-          save: Callable[[TrainerState], None], profiler=None, stop=None) -> TrainResult:
+          save: Callable[[TrainerState], None], profiler=None, stop=None, beat: Progress | None = None) -> TrainResult:
+    beat = beat or Progress()  # phase marks for the watchdog and the step statistics
     accum = cfg.gradient_accumulation_steps
     stop_at = min(total_steps, state.step + cfg.max_steps_this_run) if cfg.max_steps_this_run else total_steps
     first_step, last_loss, tokens_total, mfu = state.step, float("nan"), 0, None
@@ -102,28 +104,33 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
         sampler.set_epoch(epoch)
         sampler.skip = skip * cfg.batch_size_training
         n_total = skip + len(loader)
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(beat.data(loader)):
             g = skip + i
             boundary = (g + 1) % accum == 0 or g + 1 == n_total
             tokens = int(batch["attention_mask"].sum())
             window["tokens"] += tokens
             window["useful"] += int((batch["labels"] != -100).sum())
             window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
+            beat.phase("forward")
             with engine.autocast():
                 loss = engine.model(**to_device(batch, rt.device)).loss
+            beat.phase("backward")
             engine.backward(loss, boundary=boundary)
             window["loss"] += loss.detach().float() / accum
             if not boundary:
                 continue
+            beat.phase("optimizer")
             grad_norm = engine.step()
             window["steps"] += 1
             state.step += 1
+            beat.step_done(state.step)
             state.epoch, state.batches_in_epoch = (epoch + 1, 0) if g + 1 == n_total else (epoch, g + 1)
             if profiler is not None:
                 profiler.step()
             stopping = None  # decided on this step by the metrics reduction, or below
             if state.step % cfg.log_every == 0 or state.step == stop_at:
                 # One collective per logged step carries the metrics and the stop request together.
+                beat.phase("metrics")
                 loss_sum, tok, useful, fl, stop_votes = all_reduce_sum(
                     rt, [float(window["loss"]), window["tokens"], window["useful"], window["flops"],
                          1.0 if stop is not None and stop.requested else 0.0])
