@@ -20,6 +20,7 @@ from hpcft.heartbeat import Heartbeat
 
 WATCHDOG_MARK = "hpcft.watchdog: rank "  # first line of a watchdog's stack dump in a rank's log
 END_MARK = "hpcft.watchdog: end of stacks"
+STACK_BLOCK = "(most recent call first):"  # faulthandler's thread header
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,17 @@ def find_culprit(beats: dict[int, Heartbeat], *, stopped: set[int], hang_exits: 
 
 
 def main_stack(dump: list[str], max_frames: int = 8) -> list[str]:
-    """The top of the main thread's stack from a watchdog dump (lines from WATCHDOG_MARK on)."""
+    """The top of the main thread's stack from a watchdog dump (lines from WATCHDOG_MARK on), or from
+    the last thread block faulthandler wrote on SIGTERM (the main thread comes last)."""
     if not dump:
         return []
-    main_id = dump[0].rpartition("main thread ")[2].rstrip(")").strip()
+    marked = dump[0].startswith(WATCHDOG_MARK)  # else the last dump faulthandler wrote on SIGTERM
+    main_id = dump[0].rpartition("main thread ")[2].rstrip(")").strip() if marked else ""
     blocks: list[list[str]] = []
-    for line in dump[1:]:
+    for line in dump[1:] if marked else dump:
         if line.startswith(END_MARK):
             break
-        if "(most recent call first)" in line:
+        if STACK_BLOCK in line:
             blocks.append([line])
         elif blocks and line.startswith("  File "):
             blocks[-1].append(line)
@@ -86,7 +89,7 @@ def describe(c: Culprit, dump: list[str]) -> tuple[str, list[str]]:
                      f"their last progress at {_clock(last_other)}; hang_timeout_s {b.hang_timeout_s}")
     stack = main_stack(dump)
     if stack:
-        lines.append("top of its stack (faulthandler, main thread):")
+        lines.append("top of its stack (faulthandler):")
         lines += [f"  {stack[0].strip()}", *(f"  {line.rstrip()}" for line in stack[1:])]
     elif c.how in ("stopped", "frozen"):
         lines.append("no stack: a stopped or frozen process writes nothing; its last heartbeat above is "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from hpcft.hang import WATCHDOG_MARK, describe, find_culprit
+from hpcft.hang import STACK_BLOCK, WATCHDOG_MARK, describe, find_culprit
 from hpcft.heartbeat import HANG_EXIT, read_heartbeats
 from hpcft.paths import RunPaths
 
@@ -107,7 +107,10 @@ def hang_failure(paths: RunPaths, exits: dict[int, RankExit]) -> Failure | None:
     if culprit is None:
         return None
     log = paths.rank_log(culprit.beat.rank)
-    offset = last_traceback_offset(log, WATCHDOG_MARK.encode()) if log.exists() else None
+    offset = None
+    if log.exists():
+        offset = last_traceback_offset(log, WATCHDOG_MARK.encode())
+        offset = offset if offset is not None else last_traceback_offset(log, STACK_BLOCK.encode())
     reason, lines = describe(culprit, _lines_from(log, offset, 400) if offset is not None else [])
     return Failure(culprit.beat.rank, culprit.beat.host, reason, lines)
 

@@ -33,10 +33,10 @@ def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: i
     wrapped = model
     if rt.env.distributed:
         # Gradients as views into the all-reduce buckets: one copy of the gradients, not two. No buffer
-        # broadcast: an LLM's buffers (rotary inv_freq) are computed alike on every rank, and without it the
+        # sync in forward: an LLM's buffers (rotary inv_freq) are computed alike on every rank, and without it the
         # forward runs no collective, so a rank's forward time is its own (rankstats: stragglers).
         wrapped = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True, broadcast_buffers=False)
+                                          gradient_as_bucket_view=True, forward_sync_buffers=False)
     return _torch_engine(wrapped, model, cfg, rt, total_steps)
 
 

@@ -19,13 +19,15 @@ native tool, not installed here and often not on compute nodes), it dumps every 
 process from inside it, and its C-level timer (`dump_traceback_later`, re-armed every tick as a
 backstop) still dumps and exits when a C call holds the GIL so that this thread cannot run. What it
 cannot do is read another process: a rank that is stopped (SIGSTOP) writes nothing; its wrapper
-notes the stopped state (hpcft/rankrun.py) and its heartbeat file shows where it was.
+notes the stopped state (hpcft/rankrun.py) and its heartbeat file shows where it was. SIGTERM (the
+launcher tearing the job down after the first watchdog fired) dumps the stacks too.
 """
 from __future__ import annotations
 
 import contextlib
 import faulthandler
 import os
+import signal
 import socket
 import sys
 import threading
@@ -250,9 +252,12 @@ def watch(hang_timeout_s: int, rt, paths: RunPaths) -> Iterator[Progress]:
     dog = None
     if hang_timeout_s > 0:
         dog = Watchdog(progress, paths, hang_timeout_s=hang_timeout_s, cuda=rt.device.type == "cuda").start()
+        # The first watchdog to fire ends the job: the launcher's SIGTERM may reach the stuck rank before its
+        # own watchdog fires, so SIGTERM dumps the stacks too, then terminates as before.
+        faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
     try:
         yield progress
+        progress.phase("done")  # on an exception the heartbeat keeps the phase it happened in
     finally:
-        progress.phase("done")
         if dog is not None:
             dog.close()
