@@ -1,7 +1,7 @@
 """hpcft benchmarks: one command, every measure side by side in one run on this machine.
 
     bash bench/run.sh            # set-up, local cluster, the full run (~35 min on 2 cores), cluster down
-    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies] [--results DIR]
+    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies,watchdog] [--results DIR]
 
 Prints a table and writes results.json, results.md and PNG plots (default bench/results/; --quick
 writes to artifacts/bench/quick/). Parts 3 (the 2-node case) and 4 need the local Slurm cluster
@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import logtriage, memory, report, scaling, throughput
+from bench import logtriage, memory, report, scaling, throughput, watchdog
 from bench.common import ROOT, hpcft_run, median, prepare
 
-PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies")
+PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies", "watchdog")
 
 
 def machine() -> dict:
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     part("memory", lambda: memory.memory(setup))
     part("logs", lambda: logtriage.triage(work, args.quick))
     part("strategies", lambda: throughput.strategy_table(setup))
+    part("watchdog", lambda: watchdog.watchdog_cost(setup))
     files = report.write(r, results_dir)
     report.print_table(report.summary_rows(r))
     print("bench: wrote " + ", ".join(str(f) for f in files))

@@ -67,6 +67,12 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"7 {row['strategy']} {row['precision']}{' LoRA' if row['lora'] else ''}",
                          f"{row['tokens_per_s']:,.0f} tokens/s" if ok else "FAILED (see results.json)", "-",
                          "" if ok else "missed"))
+    if "watchdog" in r:
+        v = r["watchdog"]
+        m = v["median_step_s"]
+        rows.append(("8 watchdog on / off: step time", f"{v['ratio']:.3f}x ({m['on']:.3f} s vs {m['off']:.3f} s); phase "
+                     f"marks {v["phase_mark_s"] * 1e6:.2f} us each, {v["phase_marks_share"]:.1e} of a step",
+                     "<= 1.01x", verdict(v["ratio"] <= 1.01)))
     return rows
 
 

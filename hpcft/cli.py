@@ -3,7 +3,7 @@
     hpcft submit --nodes 2 --gpus-per-node 4 jobs/samsum_tiny.yaml train.lr=3e-4
     hpcft submit --dry-run jobs/samsum_tiny.yaml           # print the script, submit nothing
     hpcft launch -- -m hpcft.train --max_train_step=20     # inside salloc / srun --pty
-    hpcft logs <job-id|run-dir>  |  hpcft status [job-id]  |  hpcft cancel <job-id>
+    hpcft logs <job-id|run-dir> [--stats]  |  hpcft status [job-id]  |  hpcft cancel <job-id>
     hpcft make-tiny-model artifacts/tiny-llama
     hpcft doctor                                           # inside salloc: preflight checks on every rank
 """
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("ref", help="job id or run directory")
     lg.add_argument("--output-dir", default="runs")
     lg.add_argument("--failure-only", action="store_true", help="only report the first failure")
+    lg.add_argument("--stats", action="store_true",
+                    help="per-rank step time (median, p95), data wait per node, stragglers")
     lg.set_defaults(func=commands.logs)
 
     st = sub.add_parser("status", help="state of your jobs (squeue, then scontrol/sacct)")

@@ -71,17 +71,47 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def logs(args: argparse.Namespace, _command: list[str]) -> int:
+    if args.stats:
+        return show_stats(args.ref, args.output_dir)
     return show_logs(args.ref, args.output_dir, failure_only=args.failure_only)
+
+
+def show_stats(ref: str, output_dir: str) -> int:
+    """Per-rank step times (busy and wall, median and p95), data wait per node, stragglers: from
+    summary.json when the run finished, else from the ranks' heartbeat files (running or failed)."""
+    import json
+
+    from hpcft.heartbeat import read_heartbeats
+    from hpcft.rankstats import format_stats, rank_summary
+
+    paths = RunPaths(_run_dir(ref, output_dir))
+    summary = json.loads(paths.summary.read_text()) if paths.summary.exists() else {}
+    if "step_time_per_rank" not in summary:
+        beats = read_heartbeats(paths)
+        if not beats:
+            err.print(f"hpcft: no step statistics in {paths.run_dir} (no summary.json, no heartbeat files)")
+            return 1
+        summary = rank_summary([{"rank": b.rank, "host": b.host, **(b.stats or {})} for b in beats.values()
+                                if b.stats])
+        console.print(f"[dim]from the heartbeat files of {paths.run_dir}[/]")
+    for line in format_stats(summary):
+        print(line)
+    return 0
+
+
+def _run_dir(ref: str, output_dir: str) -> Path:
+    run_dir = find_run_dir(ref, output_dir)
+    if run_dir is None:
+        raise SpecError("ref", f"no run directory {ref!r} and no job {ref!r} under {output_dir}/*/; "
+                               "pass a run directory or --output-dir")
+    return run_dir
 
 
 def show_logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
     """The job's own output, every rank's log, then the first rank that failed (exit 1 if one did)."""
     from hpcft.logs import first_failure, rank_by_rank_lines
 
-    run_dir = find_run_dir(ref, output_dir)
-    if run_dir is None:
-        raise SpecError("ref", f"no run directory {ref!r} and no job {ref!r} under {output_dir}/*/; "
-                               "pass a run directory or --output-dir")
+    run_dir = _run_dir(ref, output_dir)
     paths = RunPaths(run_dir)
     if not failure_only:
         out = paths.job_output(output_dir)

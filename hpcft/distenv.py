@@ -51,6 +51,8 @@ PYTHON_VAR = "HPCFT_PYTHON"
 FAULT_SAVE_DELAY_VAR = "HPCFT_FAULT_SAVE_DELAY"
 STOP_SIGNAL_VAR = "HPCFT_STOP_SIGNAL"
 SAMPLE_LOG_VAR = "HPCFT_SAMPLE_LOG"
+FAULT_HANG_VAR = "HPCFT_FAULT_HANG"
+FAULT_SLOW_VAR = "HPCFT_FAULT_SLOW"
 HPCFT_TABLE: dict[str, str] = {
     RUN_DIR_VAR: "the run directory; set by every hpcft launch path, read by the node launcher, rankrun "
                  "(per-rank logs) and the entrypoint (metrics, checkpoints, model)",
@@ -62,7 +64,24 @@ HPCFT_TABLE: dict[str, str] = {
                           "half-written for SECONDS",
     SAMPLE_LOG_VAR: "for tests, 1: every rank writes the example ids of each optimizer step to "
                     "sample-ids/rank-NNN.jsonl in the run directory",
+    FAULT_HANG_VAR: "fault injection for tests, RANK:STEP:SECONDS: that rank sleeps SECONDS inside step STEP "
+                    "(in its forward phase), a hang the watchdog must catch and name",
+    FAULT_SLOW_VAR: "fault injection for tests, RANK:SECONDS: that rank sleeps SECONDS in the forward phase of "
+                    "every optimizer step, a straggler the step statistics must name",
 }
+
+# PyTorch's NCCL flight recorder (a ring buffer of the last collectives per rank), read by ProcessGroupNCCL
+# when the process group is created; CUDA only, harmless elsewhere. Each rank's dump goes to PREFIX<rank>.
+NCCL_FLIGHT_RECORDER_TABLE: dict[str, str] = {
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # collectives kept per rank (0 turns the recorder off)
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # dump the buffer when a collective times out (timeout_s)
+}
+NCCL_TRACE_FILE_VAR = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"  # dump path prefix; torch appends the rank
+
+
+def flight_recorder_env(trace_prefix: str) -> dict[str, str]:
+    """The flight recorder's variables, dumps going to trace_prefix<rank>; values a user exported win."""
+    return {**NCCL_FLIGHT_RECORDER_TABLE, NCCL_TRACE_FILE_VAR: trace_prefix}
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 

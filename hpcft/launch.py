@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from hpcft.distenv import RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env, plan_rendezvous
+from hpcft.distenv import (RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env, flight_recorder_env,
+                           plan_rendezvous)
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths
 from hpcft.stopsignal import ignore_stop_signals
@@ -44,6 +45,8 @@ def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda
     env.setdefault("PYTHONUNBUFFERED", "1")
     if not cuda:
         env.setdefault("OMP_NUM_THREADS", str(rank_threads(slurm, rdzv.nproc_per_node)))
+    elif env.get(RUN_DIR_VAR):  # NCCL's flight recorder, its dumps in the run directory (see hpcft/train/watchdog.py)
+        env = {**flight_recorder_env(RunPaths(Path(env[RUN_DIR_VAR])).nccl_trace_prefix), **env}
     return env
 
 

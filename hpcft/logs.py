@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from hpcft.hang import STACK_BLOCK, WATCHDOG_MARK, describe, find_culprit
+from hpcft.heartbeat import HANG_EXIT, read_heartbeats
 from hpcft.paths import RunPaths
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -22,6 +24,7 @@ class RankExit:
     returncode: int
     signal: str | None
     ended: float
+    stopped: bool = False  # its wrapper found it stopped (SIGSTOP) and killed it
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ def read_exits(paths: RunPaths) -> dict[int, RankExit]:
         try:
             d = json.loads(p.read_text())
             out[int(d["rank"])] = RankExit(int(d["rank"]), d.get("host"), int(d["returncode"]), d.get("signal"),
-                                           float(d.get("ended", 0.0)))
+                                           float(d.get("ended", 0.0)), bool(d.get("stopped")))
         except (ValueError, KeyError, OSError):
             continue
     return out
@@ -48,10 +51,10 @@ BLOCK = 1 << 20  # bytes read at a time: memory stays flat whatever the size of 
 TB = TRACEBACK.encode()
 
 
-def last_traceback_offset(log: Path) -> int | None:
-    """Byte offset of the last traceback header in a log, scanning fixed-size blocks as bytes (no
-    per-line decoding: about as fast as grep, and the memory does not grow with the file)."""
-    overlap = len(TB) - 1
+def last_traceback_offset(log: Path, needle: bytes = TB) -> int | None:
+    """Byte offset of the last traceback header (or other needle) in a log, scanning fixed-size blocks
+    as bytes (no per-line decoding: about as fast as grep, and the memory does not grow with the file)."""
+    overlap = len(needle) - 1
     last, pos, carry = None, 0, b""
     with log.open("rb", buffering=0) as f:
         while True:
@@ -59,7 +62,7 @@ def last_traceback_offset(log: Path) -> int | None:
             if not block:
                 return last
             buf = carry + block if carry else block
-            i = buf.rfind(TB)
+            i = buf.rfind(needle)
             if i >= 0:
                 last = pos - len(carry) + i
             carry = buf[-overlap:]
@@ -97,14 +100,38 @@ def traceback_tail(log: Path, max_lines: int = 30) -> tuple[bool, list[str]]:
     return True, _lines_from(log, offset, 200)[-max_lines:]
 
 
+def hang_failure(paths: RunPaths, exits: dict[int, RankExit]) -> Failure | None:
+    """The rank that hung first (hpcft/hang.py), when watchdogs ended the job or a rank was stopped."""
+    culprit = find_culprit(read_heartbeats(paths), stopped={r for r, e in exits.items() if e.stopped},
+                           hang_exits={r for r, e in exits.items() if e.returncode == HANG_EXIT})
+    if culprit is None:
+        return None
+    log = paths.rank_log(culprit.beat.rank)
+    offset = None
+    if log.exists():
+        offset = last_traceback_offset(log, WATCHDOG_MARK.encode())
+        offset = offset if offset is not None else last_traceback_offset(log, STACK_BLOCK.encode())
+    reason, lines = describe(culprit, _lines_from(log, offset, 400) if offset is not None else [])
+    return Failure(culprit.beat.rank, culprit.beat.host, reason, lines)
+
+
 def first_failure(paths: RunPaths) -> Failure | None:
     """The rank that failed first: earliest non-zero exit record; ranks killed afterwards by the
-    launcher (SIGTERM) only count if nothing failed before them. Without exit records (a wrapper
-    was killed outright), of the logs that end in a traceback the one written to last the earliest:
-    the ranks that fail afterwards, of a lost peer, stop writing later."""
+    launcher (SIGTERM) only count if nothing failed before them. When the job ended in a hang
+    (watchdogs fired, or a rank was stopped), the rank that stopped first, unless a rank failed
+    outright before any watchdog fired. Without exit records (a wrapper was killed outright), of
+    the logs that end in a traceback the one written to last the earliest: the ranks that fail
+    afterwards, of a lost peer, stop writing later."""
     exits = read_exits(paths)
     failed = sorted((e for e in exits.values() if e.returncode != 0),
                     key=lambda e: (e.signal in ("SIGTERM", "SIGINT"), e.ended, e.rank))
+    hang = hang_failure(paths, exits)
+    if hang is not None:
+        first_hang = min((e.ended for e in exits.values() if e.returncode == HANG_EXIT or e.stopped),
+                         default=float("inf"))
+        if not any(e.returncode != HANG_EXIT and not e.stopped and e.signal not in ("SIGTERM", "SIGINT")
+                   and e.ended < first_hang for e in failed):
+            return hang
     if failed:
         e = failed[0]
         reason = f"signal {e.signal}" if e.signal else f"exit code {e.returncode}"

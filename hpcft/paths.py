@@ -3,7 +3,8 @@
     <output_dir>/slurm-<job-id>.out                 the batch script's own output (sbatch backend)
     <output_dir>/<name>/submitit/<job-id>/          submitit's pickles and <job-id>_<task>_log.out/err
     <output_dir>/<name>/<job-id>/                   the run directory (RunPaths):
-        rank-000.log, rank-000.exit.json, rank-000.pid, metrics.jsonl, summary.json, metrics.png,
+        rank-000.log, rank-000.exit.json, rank-000.pid, rank-000.heartbeat.json, nccl_trace/nccl_trace_rank_0 (CUDA),
+        metrics.jsonl, summary.json, metrics.png,
         train_config.json, requeue, .preflight/, tensorboard/, profiler/, model/ (model.tmp/ while written),
         checkpoints/step-00000010/ (step-00000010.tmp/ while written; CheckpointPaths)
 Rank numbers are written with at least three digits everywhere (rank_tag).
@@ -109,6 +110,18 @@ class RunPaths:
 
     def rank_pid(self, rank: int) -> Path:
         return self.run_dir / f"{rank_tag(rank)}.pid"
+
+    def rank_heartbeat(self, rank: int) -> Path:
+        """Where the rank's watchdog leaves its last progress (step, phase, time, host, pid) every few seconds."""
+        return self.run_dir / f"{rank_tag(rank)}.heartbeat.json"
+
+    def rank_heartbeats(self) -> list[Path]:
+        return sorted(self.run_dir.glob("rank-*.heartbeat.json"))
+
+    @property
+    def nccl_trace_prefix(self) -> str:
+        """PyTorch's NCCL flight recorder writes each rank's dump to this prefix + the rank number."""
+        return str(self.run_dir / "nccl_trace" / "nccl_trace_rank_")
 
     def rank_exits(self) -> list[Path]:
         return sorted(self.run_dir.glob("rank-*.exit.json"))

@@ -4,7 +4,9 @@ file and records how it ended (exit code or signal, host, time) next to it.
     torchrun ... -m hpcft.rankrun -m hpcft.train --lr=3e-4     # what the node launcher runs
 
 Rank 0's output also goes to the launcher's stdout (the job's slurm-<id>.out). Signals that Slurm
-or torchrun send to the wrapper are passed on to the rank.
+or torchrun send to the wrapper are passed on to the rank; a rank that is stopped (SIGSTOP, state T)
+would keep a pending SIGTERM and the job alive forever, so it gets SIGKILL instead and its exit record
+says it was stopped.
 """
 from __future__ import annotations
 
@@ -31,7 +33,16 @@ def child_argv(command: list[str]) -> list[str]:
     return command
 
 
-def write_exit_record(path: Path, *, rank: int, returncode: int, started: float) -> None:
+def is_stopped(pid: int) -> bool:
+    """State T in /proc/PID/stat: stopped by a signal (SIGSTOP, SIGTSTP)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].startswith("T")
+
+
+def write_exit_record(path: Path, *, rank: int, returncode: int, started: float, stopped: bool = False) -> None:
     sig = -returncode if returncode < 0 else None
     record = {
         "rank": rank,
@@ -41,6 +52,7 @@ def write_exit_record(path: Path, *, rank: int, returncode: int, started: float)
         "signal": signal.Signals(sig).name if sig else None,
         "started": started,
         "ended": time.time(),
+        "stopped": stopped,  # the rank was stopped (SIGSTOP) when the job was torn down
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record) + "\n")
@@ -67,8 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(child_argv(command), env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE if tee else log, stderr=subprocess.STDOUT,
                                 preexec_fn=ignore_stop_signals)
+        stopped = []
+
+        def forward(sig: int, _frame) -> None:
+            if is_stopped(proc.pid):
+                stopped.append(True)
+                proc.kill()
+            else:
+                proc.send_signal(sig)
+
         for sig in FORWARDED:
-            signal.signal(sig, lambda s, _f: proc.send_signal(s))
+            signal.signal(sig, forward)
         (paths.rank_pid(dist.rank)).write_text(f"{proc.pid}\n")
         if tee:
             assert proc.stdout is not None
@@ -81,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 except (BrokenPipeError, OSError):
                     pass
         rc = proc.wait()
-    write_exit_record(paths.rank_exit(dist.rank), rank=dist.rank, returncode=rc, started=started)
+    write_exit_record(paths.rank_exit(dist.rank), rank=dist.rank, returncode=rc, started=started,
+                      stopped=bool(stopped))
     return rc if rc >= 0 else 128 - rc
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     tensorboard: bool = False  # TensorBoard scalars into <run>/tensorboard/
     plot: bool = True  # PNG of loss and throughput at the end of the run
     timeout_s: int = 600  # collective timeout; a dead peer fails the job after this long
+    hang_timeout_s: int = 300  # watchdog: no rank-local progress (a step phase) for this long ends every rank with
+    #   its stack in its log, and `hpcft logs` names the rank that stopped first; guards training steps after the
+    #   first (not load, eval, saves, export); must exceed the longest step; < timeout_s; 0 turns it off
     preflight: bool = True  # before training: world size, all-reduce, GPUs per rank, versions, shared run dir
 
     def validate(self) -> None:
@@ -119,6 +122,9 @@ class TrainConfig:
                      "num_epochs", "log_every", "timeout_s"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (got {getattr(self, name)})")
+        if self.hang_timeout_s < 0 or 0 < self.hang_timeout_s and self.hang_timeout_s >= self.timeout_s:
+            bad("hang_timeout_s", f"must be 0 (off) or from 1 to timeout_s - 1 ({self.timeout_s - 1}), so that the "
+                                  f"watchdog names the stuck rank before collectives time out (got {self.hang_timeout_s})")
         for name in ("lora_r", "lora_alpha", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (got {getattr(self, name)})")

@@ -16,6 +16,7 @@ from hpcft.train.checkpoint import TrainerState
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime, all_reduce_max, all_reduce_sum
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay
+from hpcft.train.watchdog import Progress
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -88,7 +89,8 @@ class FlopsModel:
 def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, state: TrainerState,
           metrics: MetricsWriter, progress: ProgressDisplay, flops: FlopsModel,
           save: Callable[[TrainerState], None], profiler=None, stop=None, seq2seq: bool = False,
-          sample_log: "SampleLog | None" = None) -> TrainResult:
+          sample_log: "SampleLog | None" = None, beat: Progress | None = None) -> TrainResult:
+    beat = beat or Progress()  # phase marks for the watchdog and the step statistics
     accum = cfg.gradient_accumulation_steps
     stop_at = min(total_steps, state.step + cfg.max_steps_this_run) if cfg.max_steps_this_run else total_steps
     first_step, last_loss, tokens_total, mfu = state.step, float("nan"), 0, None
@@ -102,7 +104,7 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
         start = state.samples_in_epoch if epoch == state.epoch else 0
         sampler.set_epoch(epoch, start)
         micro_steps = [len(step) for step in sampler.steps]  # the same on every rank
-        batches = iter(loader)
+        batches = beat.data(loader)
         for k, n_micro in enumerate(micro_steps):
             for m in range(n_micro):
                 batch = next(batches)
@@ -111,18 +113,22 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
                     window["tokens"] += int(batch["attention_mask"].sum())
                     window["useful"] += n_pred
                     window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
+                beat.phase("forward")
                 with engine.autocast():
                     out = engine.model(**to_device(batch, rt.device))
                 # A filler micro-batch (every label masked) must still run the same collectives; its
                 # loss is zero with a gradient path, where the model's own loss would be 0/0 = nan.
                 loss = out.loss if n_pred else out.logits.float().sum() * 0.0
+                beat.phase("backward")
                 engine.backward(loss, boundary=m == n_micro - 1)
                 window["loss"] += loss.detach().float() / accum
             if sample_log is not None:
                 sample_log.write(state.step + 1, epoch, [i for mb in sampler.steps[k] for i in mb if i >= 0])
+            beat.phase("optimizer")
             grad_norm = engine.step()
             window["steps"] += 1
             state.step += 1
+            beat.step_done(state.step)
             consumed = start + (k + 1) * sampler.global_batch
             state.epoch, state.samples_in_epoch = (epoch + 1, 0) if consumed >= sampler.n else (epoch, consumed)
             if profiler is not None:
@@ -130,6 +136,7 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
             stopping = None  # decided on this step by the metrics reduction, or below
             if state.step % cfg.log_every == 0 or state.step == stop_at:
                 # One collective per logged step carries the metrics and the stop request together.
+                beat.phase("metrics")
                 loss_sum, tok, useful, fl, stop_votes = all_reduce_sum(
                     rt, [float(window["loss"]), window["tokens"], window["useful"], window["flops"],
                          1.0 if stop is not None and stop.requested else 0.0])

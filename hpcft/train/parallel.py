@@ -32,9 +32,11 @@ def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: i
     model = model.to(rt.device)
     wrapped = model
     if rt.env.distributed:
-        # Gradients as views into the all-reduce buckets: one copy of the gradients, not two.
+        # Gradients as views into the all-reduce buckets: one copy of the gradients, not two. No buffer
+        # sync in forward: an LLM's buffers (rotary inv_freq) are computed alike on every rank, and without it the
+        # forward runs no collective, so a rank's forward time is its own (rankstats: stragglers).
         wrapped = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True)
+                                          gradient_as_bucket_view=True, forward_sync_buffers=False)
     return _torch_engine(wrapped, model, cfg, rt, total_steps)
 
 

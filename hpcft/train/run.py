@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from hpcft.distenv import RUN_DIR_VAR, SAMPLE_LOG_VAR, collect_dist_env, collect_slurm_env
 from hpcft.paths import RunPaths, local_run_dir
+from hpcft.rankstats import rank_summary
 from hpcft.train.checkpoint import TrainerState, save_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime, barrier, cleanup, print0, setup_distributed
@@ -24,6 +25,7 @@ from hpcft.train.model import check_model_dir, check_quantization
 from hpcft.train.preempt import StopRequest
 from hpcft.train.preflight import preflight
 from hpcft.train.session import Session, build_session
+from hpcft.train.watchdog import Progress, watch
 
 
 def choose_run_dir(rt: Runtime) -> Path:
@@ -74,7 +76,9 @@ def run(cfg: TrainConfig) -> dict:
         print0(rt, preflight(rt, paths.run_dir))
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
                f"backend {rt.backend}, strategy {cfg.strategy}, precision {cfg.precision}, run dir {paths.run_dir}")
-    summary = _train_and_finish(build_session(cfg, rt, paths), stop)
+    with watch(cfg.hang_timeout_s, rt, paths) as beat:
+        beat.phase("load")
+        summary = _train_and_finish(build_session(cfg, rt, paths), stop, beat)
     # The session (engine, optimizer, loaders) is gone with _train_and_finish's frame. Destroying the
     # process group while a DeepSpeed/DDP/FSDP object still holds it aborts the process at exit
     # (SIGABRT in about half the runs), which Slurm would report as a failed job.
@@ -82,7 +86,7 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _train_and_finish(s: Session, stop: StopRequest) -> dict:
+def _train_and_finish(s: Session, stop: StopRequest, beat: Progress) -> dict:
     """Train; then, unless stopped for a requeue, evaluate, export and write the summary."""
     summary = start_summary(s)
     metrics = MetricsWriter(s.paths.metrics, enabled=s.rt.is_main,
@@ -90,8 +94,8 @@ def _train_and_finish(s: Session, stop: StopRequest) -> dict:
     if s.resume_from is not None:
         write_restart(s, metrics)
     if s.data.eval_loader is not None:
-        summary["eval_loss_before"] = evaluate_session(s, metrics, "before")
-    result = train_session(s, metrics, stop)
+        summary["eval_loss_before"] = evaluate_session(s, metrics, "before", beat)
+    result = train_session(s, metrics, stop, beat)
     if result.preempted:
         # Little time is left before Slurm kills the job: no eval or export, just ask for the requeue.
         if s.rt.is_main:
@@ -106,9 +110,12 @@ def _train_and_finish(s: Session, stop: StopRequest) -> dict:
                    tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1),
                    finished=result.steps >= s.data.total_steps)
     if s.data.eval_loader is not None:
-        summary["eval_loss_after"] = evaluate_session(s, metrics, "after")
+        summary["eval_loss_after"] = evaluate_session(s, metrics, "after", beat)
     if s.cfg.save_model:
+        beat.phase("export")
         summary["model_dir"] = str(export_model(s))
+    summary.update(rank_summary(gather_per_rank(s.rt, {"rank": s.rt.env.rank, "host": socket.gethostname(),
+                                                       **beat.stats()})))
     summary["peak_memory_bytes_per_rank"] = gather_per_rank(s.rt, peak_memory_bytes(s.rt.device))
     metrics.close()
     write_summary(s, summary)
@@ -138,17 +145,19 @@ def write_restart(s: Session, metrics: MetricsWriter) -> None:
                   restart_count=slurm.restart_count, adaptation=s.adaptation)
 
 
-def evaluate_session(s: Session, metrics: MetricsWriter, when: str) -> float:
+def evaluate_session(s: Session, metrics: MetricsWriter, when: str, beat: Progress) -> float:
     """Eval loss over the whole eval split, all ranks together; logged and written to metrics."""
+    beat.phase("eval")
     loss = evaluate(s.engine, s.data.eval_loader, s.rt, max_steps=s.cfg.max_eval_step, seq2seq=s.data.seq2seq)
     metrics.write(event="eval", step=s.state.step, eval_loss=loss)
     print0(s.rt, f"hpcft.train: eval loss {when} {loss:.4f}")
     return loss
 
 
-def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest) -> TrainResult:
+def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: Progress) -> TrainResult:
     """The training loop from s.state, with periodic checkpoints and one at the end of this run."""
     def save(st: TrainerState) -> None:
+        beat.phase("checkpoint")
         path = save_checkpoint(s.engine, st, s.paths, s.rt, keep=s.cfg.keep_checkpoints, shape=s.shape)
         print0(s.rt, f"hpcft.train: checkpoint {path}")
 
@@ -157,7 +166,7 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest) -> Trai
     with profiler_context(s.cfg.use_profiler, s.paths.profiler, s.rt.env.rank) as prof:
         result = train(s.engine, s.data.train_loader, s.cfg, s.rt, total_steps=s.data.total_steps, state=s.state,
                        metrics=metrics, progress=progress, flops=s.flops, save=save, profiler=prof, stop=stop,
-                       seq2seq=s.data.seq2seq, sample_log=sample_log)
+                       seq2seq=s.data.seq2seq, sample_log=sample_log, beat=beat)
     progress.close()
     if sample_log is not None:
         sample_log.close()

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -56,3 +57,12 @@ def check_run(run_dir: Path, ranks: int, hosts=("node1", "node2")) -> dict:
 def train_losses(metrics: Path) -> dict[int, float]:
     """step -> loss; a resumed run appends to the same file, so later lines win."""
     return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
+
+
+def wait_for_step(metrics, step: int, timeout_s: float = 300) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if metrics.exists() and any(r >= step for r in train_losses(metrics)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no step {step} in {metrics} after {timeout_s} s")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from hpcft.jobs import job_info, wait_for
-from tests.integration.helpers import HPCFT, ROOT, run, submitted_job_id, train_losses, write_spec
+from tests.integration.helpers import HPCFT, ROOT, run, submitted_job_id, train_losses, wait_for_step, write_spec
 
 pytestmark = pytest.mark.slurm
 LONG = {"num_epochs": 6, "max_train_step": 0, "lr": 1e-3, "save_every": 100}
@@ -31,15 +31,6 @@ def submit(tmp_path, tiny_model, name, *, train, resources=None, launch=None, en
 def restarts(job_id: str) -> int:
     out = run(["scontrol", "-o", "show", "job", job_id]).stdout
     return int(next(w.split("=", 1)[1] for w in out.split() if w.startswith("Restarts=")))
-
-
-def wait_for_step(metrics, step: int, timeout_s: float = 300) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if metrics.exists() and any(r >= step for r in train_losses(metrics)):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"no step {step} in {metrics} after {timeout_s} s")
 
 
 @pytest.fixture(scope="module")
