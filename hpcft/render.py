@@ -57,7 +57,11 @@ def gpu_request(spec: JobSpec) -> GpuRequest | None:
 def sbatch_options(spec: JobSpec) -> list[str]:
     """The #SBATCH options, in a fixed order."""
     r = spec.resources
-    opts = [f"--job-name={spec.name}", f"--nodes={r.nodes}", "--ntasks-per-node=1"]
+    opts = [f"--job-name={spec.name}", f"--nodes={r.nodes}"]
+    if not r.nodes.elastic:
+        # With a node range Slurm 22.05 reads --ntasks-per-node as "min nodes x 1 task" and grants only
+        # the minimum even when more nodes are idle; without it, one task per node is the default anyway.
+        opts.append("--ntasks-per-node=1")
     gpus = gpu_request(spec)
     if gpus:
         opts.append(gpus.sbatch_option())
