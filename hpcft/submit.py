@@ -21,6 +21,7 @@ from hpcft.render import entry_command, render_sbatch
 from hpcft.render_submitit import MAX_TIMEOUTS, submitit_folder, submitit_parameters
 from hpcft.resume import check_resume
 from hpcft.spec import JobSpec
+from hpcft.worldplan import elastic_gaps
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,27 @@ def check_before_queue(spec: JobSpec) -> list[str]:
     check_inputs(spec)
     from hpcft.jobs import nodes
 
+    notes = elastic_notes(spec)
     cluster = nodes()
     check_capacity(spec, cluster)
     if cluster is None:
-        return ["sinfo did not answer: partition, node count, GPU type, CPUs and memory were not checked"]
-    return []
+        notes.append("sinfo did not answer: partition, node count, GPU type, CPUs and memory were not checked")
+    return notes
+
+
+def elastic_notes(spec: JobSpec) -> list[str]:
+    """A node range whose global batch a restart on another count of it could not keep: not an error
+    (the job may never lose a node), but the user should know before a requeue stops on it."""
+    r, t = spec.resources, spec.train
+    if not r.nodes.elastic:
+        return []
+    gaps, fit = elastic_gaps(accum=t.gradient_accumulation_steps, counts=list(r.nodes.counts()))
+    if not gaps:
+        return []
+    a, b = gaps[0]
+    return [f"resources.nodes {r.nodes}: a run started on {a} node(s) and requeued onto {b} cannot keep its global "
+            f"batch with train.gradient_accumulation_steps {t.gradient_accumulation_steps}, and would stop with an "
+            f"error; {fit} keeps it for every node count of the range"]
 
 
 def check_data(spec: JobSpec) -> None:

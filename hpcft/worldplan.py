@@ -11,6 +11,7 @@ the whole run) and the data position in global samples. Changed: gradient accumu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -114,6 +115,16 @@ def adapt(saved: SavedRun, *, world_size: int, micro_batch: int, accum: int, str
                                f"{saved.micro_batch} x accumulation {saved.accum}) cannot be kept on {world_size} "
                                f"ranks with micro-batch {micro_batch}; " + (" or ".join(fix) or "start afresh"))
     return Adaptation(per_rank, g, saved.total_steps, saved.world_size, world_size, saved.accum)
+
+
+def elastic_gaps(*, accum: int, counts: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """For a node range: the (start, restart) node counts whose global batch a requeued restart cannot
+    keep (accum x start must divide by restart; micro-batch and ranks per node cancel out), and the
+    smallest accumulation >= accum that keeps it for every pair."""
+    gaps = [(a, b) for a in counts for b in counts if (accum * a) % b]
+    fit = next(n for n in range(accum, accum * math.lcm(*counts) + 1) if all((n * a) % b == 0 for a in counts
+                                                                           for b in counts))
+    return gaps, fit
 
 
 def _some(values: list[int], most: int = 8) -> str:

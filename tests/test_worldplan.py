@@ -6,7 +6,7 @@ import pytest
 
 from hpcft.errors import SpecError
 from hpcft.train.data import GlobalBatchSampler
-from hpcft.worldplan import SavedRun, adapt
+from hpcft.worldplan import SavedRun, adapt, elastic_gaps
 
 SAVED = SavedRun(step=5, epoch=0, samples_in_epoch=80, world_size=4, micro_batch=4, accum=1, total_steps=45,
                  strategy="fsdp", use_peft=False)
@@ -67,3 +67,11 @@ def test_resume_at_a_global_sample_continues_exactly_on_another_world():
     for world, accum in itertools.product((1, 2, 4), (1,)):
         rest = layout(37, micro=2, accum=4 // world, world=world, start=16)
         assert rest == full[2:]
+
+
+def test_node_ranges_whose_global_batch_a_restart_cannot_keep_are_found():
+    gaps, fit = elastic_gaps(accum=2, counts=[2, 3])
+    assert gaps == [(2, 3)] and fit == 6  # 3 -> 2 keeps 2x3=6 as 2x3; 2 -> 3 cannot keep 2x2=4
+    assert elastic_gaps(accum=6, counts=[2, 3]) == ([], 6)
+    assert elastic_gaps(accum=1, counts=[4]) == ([], 1)
+    assert elastic_gaps(accum=1, counts=[1, 2, 3, 4])[1] == 12
