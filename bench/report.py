@@ -71,7 +71,7 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
         v = r["watchdog"]
         m = v["median_step_s"]
         rows.append(("8 watchdog on / off: step time", f"{v['ratio']:.3f}x ({m['on']:.3f} s vs {m['off']:.3f} s); phase "
-                     f"marks {v["phase_mark_s"] * 1e6:.2f} us each, {v["phase_marks_share"]:.1e} of a step",
+                     f"marks {v['phase_mark_s'] * 1e6:.2f} us each, {v['phase_marks_share']:.1e} of a step",
                      "<= 1.01x", verdict(v["ratio"] <= 1.01)))
     return rows
 

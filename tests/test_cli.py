@@ -248,12 +248,20 @@ def test_dry_run_without_slurm_checks_the_rest_and_says_what_it_skipped(tmp_path
     spec, env, _, _, _ = _bad_input_case("no-model", tmp_path, tiny_model)
     spec.write_text(yaml.safe_dump({"name": "job", "output_dir": "out", "resources": {"nodes": "2-4"},
                                     "train": {"model_name": str(tiny_model), "use_peft": True,
+                                              "gradient_accumulation_steps": 12,
                                               "data_path": str(ROOT / "data/samsum_tiny.jsonl")}}))
     proc = hpcft("submit", "--dry-run", str(spec), cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=2-4\n" in proc.stdout
     assert proc.stderr.startswith("hpcft: note: sinfo did not answer") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+    # Accumulation 1 on 2-4 nodes: a run started on 2 and requeued onto 3 could not keep its global batch.
+    spec.write_text(spec.read_text().replace("gradient_accumulation_steps: 12", "gradient_accumulation_steps: 1"))
+    proc = hpcft("submit", "--dry-run", str(spec), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("hpcft: note: resources.nodes 2-4: a run started on 2 node(s) and requeued onto 3 "
+                                  "cannot keep its global batch"), proc.stderr
+    assert "12 keeps it for every node count of the range" in proc.stderr
 
 
 def test_login_node_checks_import_no_torch(tmp_path, tiny_model):
