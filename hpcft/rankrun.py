@@ -5,8 +5,10 @@ file and records how it ended (exit code or signal, host, time) next to it.
 
 Rank 0's output also goes to the launcher's stdout (the job's slurm-<id>.out). Signals that Slurm
 or torchrun send to the wrapper are passed on to the rank; a rank that is stopped (SIGSTOP, state T)
-would keep a pending SIGTERM and the job alive forever, so it gets SIGKILL instead and its exit record
-says it was stopped.
+would keep a pending SIGTERM and the job alive forever, so it gets SIGKILL instead. Its exit record
+says it was stopped when the wrapper saw it in state T for two samples in a row (sampled every
+STOP_SAMPLE_S): Slurm's own step teardown sends SIGCONT before SIGTERM, so by the time the job ends
+the rank may be running again and die of the SIGTERM.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from hpcft.paths import RunPaths
 from hpcft.stopsignal import ignore_stop_signals
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+STOP_SAMPLE_S = 1.0  # how often the wrapper looks whether its rank is stopped (one /proc read)
 
 
 def child_argv(command: list[str]) -> list[str]:
@@ -40,6 +44,23 @@ def is_stopped(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2:].startswith("T")
+
+
+def watch_stopped(proc: subprocess.Popen, seen: list, interval: float = STOP_SAMPLE_S) -> threading.Thread:
+    """Append True to `seen` once the rank has been in state T for two samples in a row."""
+    def run() -> None:
+        before = False
+        while proc.poll() is None:
+            now = is_stopped(proc.pid)
+            if now and before:
+                seen.append(True)
+                return
+            before = now
+            time.sleep(interval)
+
+    thread = threading.Thread(target=run, name="hpcft-stopped", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_exit_record(path: Path, *, rank: int, returncode: int, started: float, stopped: bool = False) -> None:
@@ -90,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for sig in FORWARDED:
             signal.signal(sig, forward)
+        watch_stopped(proc, stopped)
         (paths.rank_pid(dist.rank)).write_text(f"{proc.pid}\n")
         if tee:
             assert proc.stdout is not None

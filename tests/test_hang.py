@@ -12,7 +12,7 @@ from hpcft.hang import find_culprit, main_stack
 from hpcft.heartbeat import HANG_EXIT, Heartbeat, read_heartbeats, write_heartbeat
 from hpcft.logs import first_failure
 from hpcft.paths import RunPaths
-from hpcft.rankrun import is_stopped
+from hpcft.rankrun import is_stopped, watch_stopped
 from hpcft.rankstats import percentile, rank_summary, step_stats, straggler_line, stragglers
 from hpcft.train.config import TrainConfig
 from hpcft.train.watchdog import Progress
@@ -104,6 +104,25 @@ def test_wrapper_sees_a_stopped_process():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_stop_is_remembered_even_when_slurm_continues_the_rank_before_killing_it():
+    """Slurm's step teardown sends SIGCONT then SIGTERM: the rank dies running, yet it was stopped."""
+    proc = subprocess.Popen(["sleep", "30"])
+    seen: list = []
+    try:
+        watcher = watch_stopped(proc, seen, interval=0.1)
+        time.sleep(0.3)
+        assert seen == []  # running: nothing seen
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait()
+        watcher.join(timeout=2)
+        assert seen == [True]
+    finally:
+        proc.kill()
 
 
 def test_straggler_is_the_rank_above_1_2x_the_world_median():
