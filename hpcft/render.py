@@ -106,7 +106,7 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         lines += ["", "# launch.setup from the spec (before set -u: module and activate scripts read unset variables)"]
         lines += list(spec.launch.setup)
     lines += ["set -u", ""]
-    run_dir = shlex.quote(str(job_dir(spec.output_dir, spec.name)))
+    run_dir = _quote_value(str(job_dir(spec.output_dir, spec.name)))
     lines.append(f'export {RUN_DIR_VAR}={run_dir}/"$SLURM_JOB_ID"')
     if spec.launch.rdzv_port is not None:
         lines.append(f"export {RDZV_PORT_VAR}={spec.launch.rdzv_port}")
