@@ -53,7 +53,9 @@ def test_sigstopped_rank_ends_the_job_and_is_named_and_a_slow_rank_is_a_straggle
     assert info.state == "FAILED"
     assert time.monotonic() - stopped_at < 2 * HANG
     exit3 = json.loads((run_dir / "rank-003.exit.json").read_text())
-    assert exit3["stopped"] and exit3["signal"] == "SIGKILL"
+    # Killed by its wrapper (SIGKILL), or continued and terminated by Slurm's own step teardown
+    # (SIGCONT, SIGTERM) when that comes first; either way the wrapper saw it stopped.
+    assert exit3["stopped"] and exit3["signal"] in ("SIGKILL", "SIGTERM"), exit3
     logs = hpcft_logs(job_id, tmp, "--failure-only")
     assert logs.returncode == 1
     assert "first failure: rank 3 on node2 (hung: stopped (SIGSTOP, state T); last completed step" in logs.stderr, \
@@ -75,7 +77,9 @@ def test_rank_asleep_in_a_step_ends_the_job_with_its_stack_and_is_named(jobs):
     assert "first failure: rank 1 on node1 (hung: no progress; last completed step 5, phase forward)" in logs.stderr, \
         logs.stderr
     assert "in inject" in logs.stderr and "in train" in logs.stderr  # the top of its stack: asleep in the fault
-    # Its own watchdog dumped every thread; the first bystander to fire ends the job, so some others
-    # end on the closed connection or the launcher's SIGTERM before their own watchdog fires.
-    assert "hpcft.watchdog: end of stacks" in (run_dir / "rank-001.log").read_text()
+    # Its every thread is dumped in its own log: by its own watchdog, or, when a bystander's watchdog
+    # fired a moment earlier (all ranks stop progressing within ~0.1 s of each other), by the launcher's
+    # SIGTERM, which makes faulthandler dump them too.
+    rank1 = (run_dir / "rank-001.log").read_text()
+    assert "in inject" in rank1 and "in train" in rank1, rank1[-3000:]
     print(logs.stderr)
