@@ -3,8 +3,9 @@ model, data, tokenization, optimizer and number of optimizer steps as the hpcft 
 
     torchrun --standalone --nproc-per-node 2 bench/hf_trainer.py MODEL DATA OUT STEPS BATCH CONTEXT PRECISION
 
-Batches are padded to their longest example (DataCollatorForSeq2Seq, the usual SFT collator). Writes
-OUT/steps.jsonl: wall time and non-pad tokens (all ranks) at the end of every optimizer step.
+Batches are padded to their longest example (DataCollatorForSeq2Seq, the usual SFT collator). The
+examples are hpcft's own tokenization (the data cache beside DATA), so both sides train on the same
+tokens. Writes OUT/steps.jsonl: wall time and non-pad tokens (all ranks) at the end of every optimizer step.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch.distributed as dist
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from hpcft.dataformat import detect_format, read_jsonl
-from hpcft.train.data import build_dataset
+from hpcft.prepare import prepare
+from hpcft.train.config import TrainConfig
 
 
 class StepClock(TrainerCallback):
@@ -38,8 +39,11 @@ def main() -> None:
     model_dir, data, out, steps, batch, context, precision = sys.argv[1:8]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = read_jsonl(data)
-    ds = build_dataset(rows, detect_format(rows, "auto", "data"), tokenizer, int(context))
+    done = prepare(TrainConfig(model_name=model_dir, data_path=data, dataset="samsum", context_length=int(context)),
+                   Path(data).parent / "data-cache", log=lambda _: None)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(done.train.path))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     counter = [0]
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)

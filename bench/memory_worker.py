@@ -59,9 +59,10 @@ def main() -> None:
     cfg = bench_config(model_dir, data, strategy=strategy, sharding_strategy=sharding, precision=precision,
                        max_train_step=10, resume="never")
     rt = setup_distributed(collect_dist_env(), timeout_s=300)
-    data_ = build_data(cfg, rt)
+    paths = RunPaths(Path(out).parent / "memory-run")
+    data_ = build_data(cfg, rt, paths)
     baseline = live_tensor_bytes()  # before the model: data set tensors, rotary tables of nothing yet
-    session = build_session(cfg, rt, RunPaths(Path(out).parent / "memory-run"), data=data_)
+    session = build_session(cfg, rt, paths, data=data_)
     engine, n_params = session.engine, session.n_params
     del session
     it = iter(data_.train_loader)

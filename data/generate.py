@@ -1,6 +1,6 @@
 """Writes the small data sets that ship with hpcft (no dataset hub needed):
 
-    python data/generate.py      # -> data/samsum_tiny.jsonl (400), data/alpaca_tiny.jsonl (240)
+    python data/generate.py      # -> data/samsum_tiny.jsonl (400), data/alpaca_tiny.jsonl (240), data/chat_tiny.jsonl (240)
     python data/generate.py --samsum-long 2000 artifacts/bench/samsum_long.jsonl   # benchmark data
 
 Dialogues are made from templates with a fixed seed, so the files are reproducible. They are
@@ -81,10 +81,10 @@ def samsum(n, seed=1):
 
 def samsum_long(n, seed=3, max_parts=8):
     """SAMSum-like lengths: most dialogues short, a long tail of long ones (1 + geometric number of
-    exchanges, 60 to ~600 tokens), so padding to the longest in a batch wastes a real share of compute."""
+    exchanges, 60 to ~600 tokens), so padding to the longest in a batch wastes a real share of compute.
+    A generator: a million rows are written without holding them."""
     r = random.Random(seed)
     makers = [meet, forgot, late, shopping, plan_trip]
-    out = []
     for i in range(n):
         parts = 1
         while parts < max_parts and r.random() < 0.5:
@@ -94,8 +94,7 @@ def samsum_long(n, seed=3, max_parts=8):
             more, summary = r.choice(makers)(r)
             lines += more
             summaries.append(summary)
-        out.append({"id": f"long-{i:05d}", "dialogue": "\n".join(lines), "summary": " ".join(summaries)})
-    return out
+        yield {"id": f"long-{i:05d}", "dialogue": "\n".join(lines), "summary": " ".join(summaries)}
 
 
 def alpaca(n, seed=2):
@@ -120,8 +119,43 @@ def alpaca(n, seed=2):
     return out
 
 
+SYSTEMS = ["You are a helpful assistant.", "You are a concise assistant. Answer in one line.", ""]
+
+
+def chat(n, seed=4):
+    """Multi-turn conversations in the chat form ({"messages": [{"role", "content"}, ...]}): summaries of
+    the samsum dialogues, sums with a follow-up question, spelling; a system turn in two of three."""
+    r = random.Random(seed)
+    makers = [meet, forgot, late, shopping, plan_trip]
+    out = []
+    for i in range(n):
+        system = SYSTEMS[i % len(SYSTEMS)]
+        msgs = [{"role": "system", "content": system}] if system else []
+        kind = i % 3
+        if kind == 0:
+            lines, summary = makers[i % len(makers)](r)
+            msgs += [{"role": "user", "content": "Summarize this chat:\n" + "\n".join(lines)},
+                     {"role": "assistant", "content": summary}]
+        elif kind == 1:
+            a, b, k = r.randint(2, 60), r.randint(2, 60), r.randint(2, 4)
+            msgs += [{"role": "user", "content": f"What is {a} plus {b}?"},
+                     {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                     {"role": "user", "content": f"And {k} times that?"},
+                     {"role": "assistant", "content": f"{k} times {a + b} is {k * (a + b)}."}]
+        else:
+            w = r.choice(["apple", "banana", "kiwi", "plum", "grape", "mango", "cherry", "lemon", "river", "stone"])
+            msgs += [{"role": "user", "content": f"Spell {w} in capital letters."},
+                     {"role": "assistant", "content": w.upper()},
+                     {"role": "user", "content": "Thanks!"},
+                     {"role": "assistant", "content": "You are welcome."}]
+        out.append({"id": f"chat-{i:04d}", "messages": msgs})
+    return out
+
+
 def write(path: Path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    with path.open("w", encoding="utf-8") as f:  # streamed: --samsum-long writes millions of rows
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
@@ -135,3 +169,4 @@ if __name__ == "__main__":
     here = Path(__file__).parent
     write(here / "samsum_tiny.jsonl", samsum(400))
     write(here / "alpaca_tiny.jsonl", alpaca(240))
+    write(here / "chat_tiny.jsonl", chat(240))

@@ -6,6 +6,8 @@
     hpcft logs <job-id|run-dir> [--stats]  |  hpcft status [job-id]  |  hpcft cancel <job-id>
     hpcft make-tiny-model artifacts/tiny-llama
     hpcft doctor                                           # inside salloc: preflight checks on every rank
+    hpcft prepare jobs/samsum_tiny.yaml                    # tokenize the job's data into the shared cache
+    hpcft submit --prepare jobs/samsum_tiny.yaml           # ... as its own CPU job; training waits for it
 """
 from __future__ import annotations
 
@@ -54,7 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the login-node checks (model, data, DeepSpeed JSON, resume checkpoint, LoRA targets, "
                         "sinfo capacity and GPU type), e.g. to render on a machine without the model")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it failed")
+    s.add_argument("--prepare", action="store_true",
+                   help="first queue a CPU job that tokenizes the data into the shared cache (the spec's prepare: "
+                        "section), and queue training after it (afterok), so GPU nodes never wait on tokenizing")
     s.set_defaults(func=commands.submit)
+
+    pr = sub.add_parser("prepare", help="tokenize a job's data into the shared cache, here and now",
+                        description="Tokenize the spec's data (train and eval) once into <output_dir>/data-cache "
+                                    "(or train.data_cache_dir), keyed by the content of the data, the tokenizer, the "
+                                    "form, the chat template and the context length; jobs on the same inputs then "
+                                    "start on a cache hit. Bad data is one line naming the field, exit status 2.")
+    pr.add_argument("spec", nargs="?", help="YAML job spec (default: built-in defaults)")
+    pr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.context_length=1024")
+    pr.add_argument("--output-dir", dest="output_dir", metavar="OUTPUT_DIR", help="the spec's output_dir")
+    pr.add_argument("--num-proc", type=int, default=0, help="tokenizing processes (default: every CPU here)")
+    pr.add_argument("--rebuild", action="store_true", help="tokenize again even when the cache has the data")
+    pr.set_defaults(func=commands.prepare)
 
     la = sub.add_parser("launch", help="start all ranks inside an allocation (salloc / srun --pty)")
     la.add_argument("--output-dir", default="runs")
@@ -100,7 +117,7 @@ def _submit_overrides(args: argparse.Namespace) -> None:
         overrides.insert(0, args.spec)
         args.spec = None
     for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     args.overrides = overrides
@@ -114,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(args_list)
     if extra:
         # key=value overrides may follow flags (hpcft submit spec.yaml --nodes 2 train.lr=3e-4).
-        if args.cmd != "submit" or any(x.startswith("-") for x in extra):
+        if args.cmd not in ("submit", "prepare") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.cmd == "submit":
+    if args.cmd in ("submit", "prepare"):
         _submit_overrides(args)
     try:
         return args.func(args, command)

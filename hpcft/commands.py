@@ -12,7 +12,7 @@ from rich.table import Table
 
 from hpcft import jobs
 from hpcft.errors import SpecError
-from hpcft.paths import RunPaths, find_run_dir
+from hpcft.paths import RunPaths, data_cache_dir, find_run_dir
 
 # Piped or in a batch log, rich would squeeze tables to 80 columns and cut job states short.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -26,7 +26,7 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     from hpcft.submit import SubmitError, check_before_queue
     from hpcft.submit import submit as do_submit
 
-    spec_path, dry_run, wait = args.spec, args.dry_run, args.wait
+    spec_path, dry_run, wait, prepare = args.spec, args.dry_run, args.wait, args.prepare
     spec = load_spec(spec_path, args.overrides)
     if command:
         spec = spec.replace(launch=spec.launch.__class__(**{**spec.launch.__dict__, "command": tuple(command)}))
@@ -36,17 +36,26 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
         # The same checks as a real submission, so a dry run that prints a script means it would queue.
         for note in [] if args.no_check else check_before_queue(spec):
             err.print(f"hpcft: note: {note}")
+        if prepare:
+            from hpcft.render import render_prepare_sbatch
+
+            sys.stdout.write(render_prepare_sbatch(spec, source=source))
+            sys.stdout.write("\n# ---- then the training job, queued with --dependency=afterok:<that job> ----\n")
         if spec.launch.backend == "submitit":
             sys.stdout.write(render_submitit(spec, python=shlex.quote(sys.executable)))
         else:
             sys.stdout.write(render_sbatch(spec, source=source))
         return 0
     try:
-        sub = do_submit(spec, source=source, check=not args.no_check)
+        sub = do_submit(spec, source=source, check=not args.no_check, prepare=prepare)
     except SubmitError as exc:
         err.print(f"hpcft: error: {exc}")
         return 2
     table = Table(show_header=False, box=None)
+    if sub.prepare_job_id:
+        table.add_row("prepare", f"[bold]{sub.prepare_job_id}[/] (tokenizes the data into "
+                                 f"{spec.train.data_cache_dir or data_cache_dir(spec.output_dir)}; training starts "
+                                 "after it succeeded)")
     table.add_row("job", f"[bold]{sub.job_id}[/] ({spec.name}, {sub.backend}, {spec.resources.nodes} node(s) x "
                          f"{spec.resources.gpus_per_node} GPU(s))")
     table.add_row("run dir", str(sub.run_dir))
@@ -67,6 +76,33 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     summary = RunPaths(sub.run_dir).summary
     if summary.exists():
         console.print(summary.read_text())
+    return 0
+
+
+def prepare(args: argparse.Namespace, _command: list[str]) -> int:
+    """Tokenize the spec's data into the shared cache here (the same step the ranks and the --prepare
+    job run), after the login-node data checks."""
+    import time
+
+    from hpcft.prepare import prepare as do_prepare
+    from hpcft.spec import load_spec, resolve_paths
+    from hpcft.submit import check_data
+
+    spec = resolve_paths(load_spec(args.spec, args.overrides), Path.cwd())
+    t = spec.train
+    if not (Path(t.model_name) / "config.json").is_file() and not (Path(t.tokenizer_name or t.model_name)).is_dir():
+        raise SpecError("train.model_name", f"no model or tokenizer directory at {t.model_name}")
+    check_data(spec)
+    root = Path(t.data_cache_dir) if t.data_cache_dir else data_cache_dir(spec.output_dir)
+    start = time.perf_counter()
+    done = do_prepare(t, root, num_proc=args.num_proc, rebuild=args.rebuild, log=lambda line: err.print(line, markup=False))
+    table = Table(show_header=False, box=None)
+    table.add_row("cache", f"{done.train.path.parent} ({'tokenized now' if done.built else 'already there'}, "
+                           f"{time.perf_counter() - start:.1f} s)")
+    table.add_row("train", f"{done.train.examples:,} examples, {done.train.tokens:,} tokens ({done.form})")
+    table.add_row("eval", f"{done.eval.examples:,} examples, {done.eval.tokens:,} tokens ({done.eval.path})" if done.eval
+                  else f"none in the data: training holds out val_fraction {t.val_fraction}")
+    console.print(table)
     return 0
 
 
@@ -190,8 +226,8 @@ def make_tiny(args: argparse.Namespace, _command: list[str]) -> int:
 
     if hidden_size % heads:
         raise SpecError("--hidden-size", f"must be a multiple of --heads ({heads}); got {hidden_size}")
-    files = corpus if corpus is not None else [p for p in ("data/samsum_tiny.jsonl", "data/alpaca_tiny.jsonl")
-                                               if Path(p).is_file()]
+    files = corpus if corpus is not None else [p for p in ("data/samsum_tiny.jsonl", "data/alpaca_tiny.jsonl",
+                                                           "data/chat_tiny.jsonl") if Path(p).is_file()]
     for f in files:
         if not Path(f).is_file():
             raise SpecError("--corpus", f"no such file {f}")

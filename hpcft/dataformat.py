@@ -1,20 +1,42 @@
-"""The data forms hpcft reads, without torch or datasets: JSONL parsing, column detection, prompt
-templates, and the submit-time check of a data file against the model's tokenizer (the `tokenizers`
-library alone when the model ships a tokenizer.json, so `hpcft submit` stays fast).
+"""The data forms hpcft trains on, without torch or datasets: which columns make which form, the
+prompt templates, chat messages, and the submit-time check of a data source against the model's
+tokenizer (the `tokenizers` library alone when the model ships a tokenizer.json, so `hpcft submit`
+stays fast).
 
-Two forms, as the seed guides use them:
-  samsum: {"dialogue": ..., "summary": ...}
-  alpaca: {"instruction": ..., "input": ..., "output": ...}
+    samsum      {"dialogue", "summary"}                        llama-recipes' samsum prompt, loss on the summary
+    alpaca      {"instruction", "input", "output"}             the Alpaca prompt, loss on the output
+    grammar     {"input", "target"}                            llama-recipes' grammar prompt, loss on the target
+    completion  {"prompt", "completion"} (or "target")         TRL's prompt-completion: loss on the completion
+    chat        {"messages": [{"role", "content"}, ...]}       the tokenizer's chat template, loss on assistant turns
+                (ShareGPT's {"conversations": [{"from", "value"}, ...]} too)
+    text        {"text"} (train.dataset_text_field)            continued pre-training, loss on every token
+    tokens      {"input_ids"[, "labels"]}                      already tokenized
+    custom      train.custom_dataset: file.py:function, returning rows in any form above
 """
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
+from typing import Iterable
 
 from hpcft.errors import SpecError
 
 IGNORE_INDEX = -100
-COLUMNS = {"samsum": ("dialogue", "summary"), "alpaca": ("instruction", "output")}
+
+# form -> column alternatives it needs (each inner tuple: one of these names). `auto` tries them in
+# this order, so a chat file with a stray "text" column is still chat.
+FORMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "chat": (("messages", "conversations"),),
+    "tokens": (("input_ids",),),
+    "samsum": (("dialogue",), ("summary",)),
+    "alpaca": (("instruction",), ("output",)),
+    "grammar": (("input",), ("target",)),
+    "completion": (("prompt",), ("completion", "target")),
+    "text": (("text",),),
+}
+PROMPT_FORMS = ("samsum", "alpaca", "grammar", "completion")  # a prompt (masked) and a target
+DATASETS = ("auto", *FORMS, "custom")
 
 SAMSUM_PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
 ALPACA_PROMPT = (
@@ -26,6 +48,99 @@ ALPACA_PROMPT_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+GRAMMAR_PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
+TEMPLATES = (SAMSUM_PROMPT, ALPACA_PROMPT, ALPACA_PROMPT_INPUT, GRAMMAR_PROMPT)  # part of the cache key
+
+# ShareGPT speaker names -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool", "function_call": "assistant", "observation": "tool"}
+
+
+def _columns_for(form: str, text_field: str) -> tuple[tuple[str, ...], ...]:
+    return ((text_field,),) if form == "text" else FORMS[form]
+
+
+def detect_form(columns: Iterable[str], wanted: str, field: str, text_field: str = "text") -> str:
+    """The form of data with these columns: `wanted` checked, or found (`auto`) by FORMS' order."""
+    cols = set(columns)
+    if wanted not in ("auto", "custom"):
+        missing = [" or ".join(alt) for alt in _columns_for(wanted, text_field) if not cols & set(alt)]
+        if missing:
+            raise SpecError(field, f"dataset={wanted} needs column(s) {', '.join(missing)}; the data has "
+                                   f"{', '.join(sorted(cols)) or 'no columns'} (set train.dataset to auto or to its form)")
+        return wanted
+    for form in FORMS:
+        if all(cols & set(alt) for alt in _columns_for(form, text_field)):
+            return form
+    known = "; ".join(f"{f}: {' + '.join('/'.join(a) for a in _columns_for(f, text_field))}" for f in FORMS)
+    raise SpecError(field, f"cannot tell the data form from columns {sorted(cols)}; rename them to one of ({known}), "
+                           "or load the data with train.dataset: custom")
+
+
+def _text(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if value is None:
+        raise SpecError(where, f"lacks the text column {name}")
+    if not isinstance(value, str):
+        raise SpecError(where, f"column {name!r} must be text (got {type(value).__name__})")
+    return value
+
+
+def prompt_and_target(row: dict, form: str, where: str = "data") -> tuple[str, str]:
+    """The prompt (masked from the loss) and the target of one example of a PROMPT_FORMS form."""
+    if form == "samsum":
+        return SAMSUM_PROMPT.format(dialogue=_text(row, "dialogue", where)), _text(row, "summary", where)
+    if form == "alpaca":
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise SpecError(where, f"column 'input' must be text or empty (got {type(extra).__name__})")
+        template = ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT
+        return template.format(instruction=_text(row, "instruction", where), input=extra or ""), _text(row, "output", where)
+    if form == "grammar":
+        return GRAMMAR_PROMPT.format(input=_text(row, "input", where)), _text(row, "target", where)
+    if form == "completion":
+        return _text(row, "prompt", where), _text(row, "completion" if "completion" in row else "target", where)
+    raise ValueError(f"{form} has no prompt and target")
+
+
+def chat_messages(row: dict, where: str = "data") -> list[dict[str, str]]:
+    """[{"role", "content"}, ...] from `messages`, or from ShareGPT's `conversations` ({"from", "value"});
+    at least one assistant turn, every content text."""
+    turns = row.get("messages") if row.get("messages") is not None else row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise SpecError(where, "messages must be a non-empty list of {role, content} turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise SpecError(where, f"turn {i + 1} must be an object with role and content")
+        if "role" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            role, content = SHAREGPT_ROLES.get(str(turn.get("from")), turn.get("from")), turn.get("value")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise SpecError(where, f"turn {i + 1} needs a text role and text content (got {sorted(turn)})")
+        out.append({"role": role, "content": content})
+    if not any(t["role"] == "assistant" for t in out):
+        raise SpecError(where, "has no assistant turn, so nothing to learn; chat loss is taken on assistant turns")
+    return out
+
+
+def check_example(row: dict, form: str, where: str, text_field: str = "text") -> None:
+    """The example has what its form needs, of the right types (SpecError naming `where` if not)."""
+    if form in PROMPT_FORMS:
+        prompt_and_target(row, form, where)
+    elif form == "chat":
+        chat_messages(row, where)
+    elif form == "text":
+        _text(row, text_field, where)
+    elif form == "tokens":
+        ids = row.get("input_ids")
+        if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids):
+            raise SpecError(where, "input_ids must be a list of token ids")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading JSONL with line numbers (the login-node preview of .jsonl files) and UTF-8 checks.
 
 
 def read_jsonl(path: str | Path, field: str = "train.data_path", limit: int = 0) -> list[dict]:
@@ -90,42 +205,98 @@ def check_utf8(path: str | Path, field: str, block: int = 1 << 20) -> None:
                 return
 
 
-def detect_format(rows: list[dict], wanted: str, field: str) -> str:
-    if wanted != "auto":
-        fmt = wanted
-    else:
-        keys = set(rows[0])
-        fmt = next((f for f, cols in COLUMNS.items() if set(cols) <= keys), "")
-        if not fmt:
-            raise SpecError(field, f"cannot tell the data form from columns {sorted(keys)}; "
-                                   "use dialogue/summary (samsum) or instruction/input/output (alpaca)")
-    for lineno, row in enumerate(rows, 1):
-        missing = [c for c in COLUMNS[fmt] if not isinstance(row.get(c), str)]
-        if missing:
-            raise SpecError(field, f"example {lineno} lacks text column(s) {', '.join(missing)} needed by dataset={fmt}")
-    return fmt
+# ---------------------------------------------------------------------------------------------
+# Chat templates and custom loaders, found without importing transformers or the user's code.
 
 
-def check_data_file(path: str, cfg, tokenizer, *, field: str, limit: int = 2000) -> str:
-    """Submit-time check of a data file's first `limit` examples: JSON, columns, and prompts that fit
+def find_chat_template(tokenizer_dir: str | Path) -> str | None:
+    """The tokenizer's own chat template: chat_template.jinja, chat_template.json or the chat_template
+    key of tokenizer_config.json (a string, or a list of named templates: "default" or the first)."""
+    d = Path(tokenizer_dir)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            template = json.loads((d / name).read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """train.chat_template as a template: the text of the file it names, or the template written inline."""
+    if value is None:
+        return None
+    if "{" in value:
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise SpecError("train.chat_template", f"no such file {value}; give a Jinja template inline or a file holding one")
+    return p.read_text(encoding="utf-8")
+
+
+def check_chat_template(cfg) -> None:
+    """Chat data needs a chat template: the spec's, or the tokenizer's own."""
+    if chat_template_text(cfg.chat_template) is None and find_chat_template(cfg.tokenizer_name or cfg.model_name) is None:
+        raise SpecError("train.chat_template", f"the tokenizer in {cfg.tokenizer_name or cfg.model_name} has no chat "
+                                               "template; set train.chat_template to a Jinja template (or a .jinja "
+                                               "file) that renders messages")
+
+
+def split_custom(value: str) -> tuple[Path, str]:
+    """train.custom_dataset 'path/file.py[:function]' -> (file, function); llama-recipes' default name."""
+    path, sep, func = value.rpartition(":")
+    if not sep or "/" in func or func.endswith(".py"):
+        path, func = value, "get_custom_dataset"
+    return Path(path), func
+
+
+def check_custom_dataset(value: str | None) -> None:
+    """The loader file exists, parses, and defines the function (read, not run, on the login node)."""
+    if not value:
+        raise SpecError("train.custom_dataset", "dataset: custom needs custom_dataset: path/to/file.py[:function]")
+    path, func = split_custom(value)
+    if path.suffix != ".py" or not path.is_file():
+        raise SpecError("train.custom_dataset", f"no Python file {path}; write it as path/to/file.py[:function]")
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    except (SyntaxError, UnicodeDecodeError) as exc:
+        raise SpecError("train.custom_dataset", f"{path} does not parse ({exc}); fix it") from None
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if func not in defined:
+        raise SpecError("train.custom_dataset", f"{path} defines no function {func}(dataset_config, tokenizer, "
+                                                f"split); it has {', '.join(sorted(defined)) or 'no functions'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The submit-time check of the data against the tokenizer.
+
+
+def check_data_rows(rows: list[dict], columns: Iterable[str], cfg, tokenizer, *, field: str, source: str) -> str:
+    """Submit-time check of a source's first examples: columns, types, and prompts that fit
     context_length. Returns the data form."""
-    rows = read_jsonl(path, field, limit=limit)
-    form = detect_format(rows, cfg.dataset, field)
-    for lineno, row in enumerate(rows, 1):
+    form = detect_form(columns, cfg.dataset, field, cfg.dataset_text_field)
+    if form == "chat":
+        check_chat_template(cfg)
+    for i, row in enumerate(rows, 1):
+        try:
+            check_example(row, form, f"example {i} of {source}", cfg.dataset_text_field)
+        except SpecError as exc:
+            raise SpecError(field, str(exc)) from None
+        if form not in PROMPT_FORMS:
+            continue
         prompt, _ = prompt_and_target(row, form)
         n = len(tokenizer.encode(prompt, add_special_tokens=False)) + 1
         if n >= cfg.context_length:
-            raise SpecError("train.context_length", f"example {lineno} of {path} has a {n}-token prompt, no room "
+            raise SpecError("train.context_length", f"example {i} of {source} has a {n}-token prompt, no room "
                                                     f"for its answer in context_length {cfg.context_length}; "
                                                     "raise context_length or shorten that example")
     return form
-
-
-def prompt_and_target(row: dict, fmt: str) -> tuple[str, str]:
-    if fmt == "samsum":
-        return SAMSUM_PROMPT.format(dialogue=row["dialogue"]), row["summary"]
-    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
-    return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
 
 
 class TokenizerLoadError(ValueError):
@@ -153,8 +324,8 @@ class FastCounter:
 
 
 def token_counter(directory: str):
-    """What check_data_file counts prompts with: tokenizer.json through `tokenizers` when there is one,
-    else the transformers tokenizer (sentencepiece-only models)."""
+    """What the submit-time check counts prompts with: tokenizer.json through `tokenizers` when there
+    is one, else the transformers tokenizer (sentencepiece-only models)."""
     tj = Path(directory) / "tokenizer.json"
     if tj.is_file():
         return FastCounter(tj)

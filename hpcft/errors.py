@@ -7,3 +7,9 @@ class SpecError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self):
+        # Raised in tokenizing worker processes (datasets' num_proc) and sent back pickled: rebuild it
+        # from its two parts, not from the formatted text (the default would call __init__ with one).
+        return (type(self), (self.field, self.message))

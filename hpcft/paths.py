@@ -7,6 +7,7 @@
         metrics.jsonl, summary.json, metrics.png,
         train_config.json, requeue, .preflight/, tensorboard/, profiler/, model/ (model.tmp/ while written),
         checkpoints/step-00000010/ (step-00000010.tmp/ while written; CheckpointPaths)
+    <output_dir>/data-cache/                        tokenized data shared by jobs (DataCachePaths; train.data_cache_dir)
 Rank numbers are written with at least three digits everywhere (rank_tag).
 """
 from __future__ import annotations
@@ -42,6 +43,42 @@ def slurm_output(output_dir: str | Path, job_id: str) -> Path:
 def submitit_folder(output_dir: str | Path, name: str) -> Path:
     """submitit's folder pattern (%j: job id), beside the job's run directories."""
     return job_dir(output_dir, name) / "submitit" / "%j"
+
+
+def data_cache_dir(output_dir: str | Path) -> Path:
+    """Where tokenized data goes by default (train.data_cache_dir unset): beside the jobs' run directories,
+    on the filesystem every node of a job already shares."""
+    return Path(output_dir) / "data-cache"
+
+
+@dataclass(frozen=True)
+class DataCachePaths:
+    """The tokenized-data cache (hpcft.datacache):
+
+        <root>/<digest>/            a complete entry: meta.json and one save_to_disk directory per split
+        <root>/<digest>.lock        held by the one process tokenizing it
+        <root>/<digest>.tmp-<who>/  being written; renamed to <digest>/ when complete
+        <root>/fingerprints/        content digests of data files, remembered by path, size and mtime
+    """
+
+    root: Path
+    META = "meta.json"
+
+    def entry(self, digest: str) -> Path:
+        return self.root / digest
+
+    def complete(self, digest: str) -> bool:
+        return (self.entry(digest) / self.META).is_file()
+
+    def lock(self, digest: str) -> Path:
+        return self.root / f"{digest}.lock"
+
+    def staging(self, digest: str, who: str) -> Path:
+        return self.root / f"{digest}{TMP_SUFFIX}-{who}"
+
+    @property
+    def fingerprints(self) -> Path:
+        return self.root / "fingerprints"
 
 
 def local_run_dir(stamp: str) -> Path:
@@ -183,6 +220,11 @@ class RunPaths:
         """Checkpoint directories that are not being written (complete ones also have their state file)."""
         return [CheckpointPaths(p) for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*")
                 if not p.name.endswith(TMP_SUFFIX)]
+
+    @property
+    def data_cache(self) -> Path:
+        """The default tokenized-data cache of the job's output directory (<output_dir>/<name>/<job-id>)."""
+        return data_cache_dir(self.run_dir.parent.parent)
 
     def sibling_runs(self) -> list["RunPaths"]:
         """Every run directory of the same job name (this one included)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hpcft.launch import SRUN_FLAGS
 from hpcft.distenv import PYTHON_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
-from hpcft.paths import REQUEUE_MARKER, job_dir, slurm_output_pattern
+from hpcft.paths import REQUEUE_MARKER, data_cache_dir, job_dir, slurm_output_pattern
 from hpcft.spec import JobSpec
 
 PYTHON = f'"${{{PYTHON_VAR}:-python3}}"'  # hpcft submit sets it to its own interpreter
@@ -133,6 +133,38 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
             "fi",
         ]
     lines.append('exit "$rc"')
+    return "\n".join(lines) + "\n"
+
+
+def render_prepare_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
+    """The data-preparation job of `hpcft submit --prepare`: one CPU task that tokenizes the training
+    (and eval) data into the shared cache, so that the training job, queued after it with
+    --dependency=afterok, starts on a cache hit."""
+    p, r = spec.prepare, spec.resources
+    cache = spec.train.data_cache_dir or str(data_cache_dir(spec.output_dir))
+    opts = [f"--job-name={spec.name}-prepare", "--nodes=1", "--ntasks=1", f"--cpus-per-task={p.cpus_per_task}"]
+    if p.mem is not None:
+        opts.append(f"--mem={p.mem}")
+    opts.append(f"--time={p.time}")
+    for key, value in (("partition", p.partition or r.partition), ("account", r.account), ("qos", r.qos)):
+        if value is not None:
+            opts.append(f"--{key}={value}")
+    opts.append(f"--output={_sbatch_value(slurm_output_pattern(spec.output_dir))}")
+    lines = [
+        "#!/bin/bash",
+        f"# hpcft data preparation for job '{spec.name}', rendered from {source}: tokenizes the data once",
+        "# into the shared cache; the training job is queued after it (afterok) and starts on a cache hit.",
+    ]
+    lines += [f"#SBATCH {opt}" for opt in opts]
+    lines += ["", "set -eo pipefail"]
+    if spec.launch.setup:
+        lines += ["", "# launch.setup from the spec"] + list(spec.launch.setup)
+    lines += ["set -u", ""]
+    for name in sorted(spec.env):
+        lines.append(f"export {name}={_quote_value(spec.env[name])}")
+    cmd = [PYTHON, "-m", "hpcft.prepare", shlex.quote(f"--cache-dir={cache}"), '--num-proc="$SLURM_CPUS_PER_TASK"',
+           *(shlex.quote(a) for a in spec.train.to_args())]
+    lines.append(_wrap(["exec", *cmd]))
     return "\n".join(lines) + "\n"
 
 

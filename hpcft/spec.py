@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from hpcft.dataformat import split_custom
 from hpcft.errors import SpecError
 from hpcft.train.config import TrainConfig
 from hpcft.typedload import build_dataclass
@@ -97,6 +98,17 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """The CPU job `hpcft submit --prepare` queues first: it tokenizes the data into the shared cache,
+    and the training job starts only after it succeeded (afterok), on a cache hit."""
+
+    cpus_per_task: int = 8  # tokenizing processes (one node, one task)
+    mem: str | None = None  # memory for it, as Slurm writes it; default: the partition's default
+    time: str = "01:00:00"  # its wall-clock limit
+    partition: str | None = None  # e.g. a CPU partition; default: resources.partition
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One fine-tuning job: resources, launch, training config, environment, output place."""
 
@@ -106,6 +118,7 @@ class JobSpec:
     launch: Launch = field(default_factory=Launch)
     train: TrainConfig = field(default_factory=TrainConfig)
     env: dict[str, str] = field(default_factory=dict)  # exported in the job before launch
+    prepare: Prepare = field(default_factory=Prepare)  # the data-preparation job of `hpcft submit --prepare`
 
     def replace(self, **changes: Any) -> "JobSpec":
         return dataclasses.replace(self, **changes)
@@ -287,6 +300,7 @@ def validate_spec(spec: JobSpec) -> None:
         raise SpecError("resources.time", str(exc)) from None
     if minutes < 1:
         raise SpecError("resources.time", f"must be at least one minute (got {r.time!r})")
+    _validate_prepare(spec.prepare)
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(r, key)
         if value is not None and (key == "constraint" and not re.fullmatch(r"[A-Za-z0-9_.&|\[\]*()!:-]+", value)
@@ -324,6 +338,19 @@ def validate_spec(spec: JobSpec) -> None:
     spec.train.validate()
 
 
+def _validate_prepare(p: Prepare) -> None:
+    if p.cpus_per_task < 1:
+        raise SpecError("prepare.cpus_per_task", f"must be >= 1 (got {p.cpus_per_task})")
+    if p.mem is not None and not _MEM.match(p.mem):
+        raise SpecError("prepare.mem", f"write memory as Slurm does, e.g. 16G (got {p.mem!r})")
+    try:
+        time_to_minutes(p.time)
+    except ValueError as exc:
+        raise SpecError("prepare.time", str(exc)) from None
+    if p.partition is not None and not _SLURM_WORD.match(p.partition):
+        raise SpecError("prepare.partition", f"must be a plain Slurm name without spaces or quotes (got {p.partition!r})")
+
+
 # ---------------------------------------------------------------------------------------------
 # Paths: relative to where the user submits.
 
@@ -340,8 +367,14 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     the job finds them whatever its working directory."""
     t = spec.train
     resume = t.resume if t.resume in ("auto", "latest", "never") else _absolute(t.resume, base)
+    custom = t.custom_dataset
+    if custom:
+        loader, func = split_custom(custom)
+        custom = f"{_absolute(str(loader), base)}:{func}"
+    template = t.chat_template if t.chat_template is None or "{" in t.chat_template else _absolute(t.chat_template, base)
     train = dataclasses.replace(
         t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
         data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base),
-        deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume)
+        deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume, custom_dataset=custom,
+        chat_template=template, data_cache_dir=_absolute(t.data_cache_dir, base))
     return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcft.checks import check_deepspeed_json, check_lora_targets
-from hpcft.dataformat import check_utf8
 from hpcft.distenv import PYTHON_VAR
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths, job_dir, slurm_output
-from hpcft.render import entry_command, render_sbatch
+from hpcft.render import entry_command, render_prepare_sbatch, render_sbatch
 from hpcft.render_submitit import MAX_TIMEOUTS, submitit_folder, submitit_parameters
 from hpcft.resume import check_resume
 from hpcft.spec import JobSpec
@@ -30,6 +29,7 @@ class Submitted:
     backend: str
     run_dir: Path  # <output_dir>/<name>/<job-id>
     slurm_output: Path
+    prepare_job_id: str | None = None  # the data-preparation job it waits for (hpcft submit --prepare)
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -49,20 +49,13 @@ def check_inputs(spec: JobSpec) -> None:
     if not (Path(t.model_name) / "config.json").is_file():
         raise SpecError("train.model_name", f"no model directory with config.json at {t.model_name}; "
                                             f"build a small one with: hpcft make-tiny-model {t.model_name}")
-    for field, path in (("train.data_path", t.data_path), ("train.eval_data_path", t.eval_data_path),
-                        ("train.deepspeed_config", t.deepspeed_config)):
-        if path is not None and not Path(path).is_file():
-            raise SpecError(field, f"no such file {path}; point it at an existing file")
-        if path is not None and not os.access(path, os.R_OK):
-            raise SpecError(field, f"{path} is not readable; fix its permissions")
-    if t.deepspeed_config:
+    if t.deepspeed_config is not None:
+        if not Path(t.deepspeed_config).is_file():
+            raise SpecError("train.deepspeed_config", f"no such file {t.deepspeed_config}; point it at an existing file")
         check_deepspeed_json(t.deepspeed_config)
     if t.use_peft:
         check_lora_targets(t.model_name, t.lora_target_modules)
     check_resume(spec)
-    for field, path in (("train.data_path", t.data_path), ("train.eval_data_path", t.eval_data_path)):
-        if path is not None:
-            check_utf8(path, field)
     check_data(spec)
 
 
@@ -95,21 +88,44 @@ def elastic_notes(spec: JobSpec) -> list[str]:
             f"error; {fit} keeps it for every node count of the range"]
 
 
-def check_data(spec: JobSpec) -> None:
-    """Parse the data's first examples with the model's tokenizer: a malformed line, a missing column
-    or a prompt longer than the context fails here, not minutes later on the cluster."""
-    from hpcft.dataformat import TokenizerLoadError, check_data_file, token_counter
+def data_sources(t) -> list[tuple[str, str]]:
+    """(field, path) of the data a job reads itself; a custom loader reads what it likes."""
+    sources = [] if t.dataset == "custom" else [("train.data_path", t.data_path)]
+    return sources + ([("train.eval_data_path", t.eval_data_path)] if t.eval_data_path else [])
+
+
+def check_data(spec: JobSpec, preview_rows: int = 2000) -> None:
+    """Read the data as the job will (every file decodes as UTF-8; the first examples through the
+    same readers) and check them against the model's tokenizer: a missing file, a malformed line, a
+    missing column, chat data without a chat template or a prompt longer than the context fails here,
+    not after the queue."""
+    from hpcft.dataformat import (TokenizerLoadError, check_custom_dataset, check_data_rows, check_utf8,
+                                  token_counter)
+    from hpcft.datasource import describe, preview
 
     t = spec.train
-    source = t.tokenizer_name or t.model_name
+    if t.dataset == "custom":
+        check_custom_dataset(t.custom_dataset)
+    sources = []
+    for field, path in data_sources(t):
+        src = describe(path, field)
+        for f in src.files:
+            if not os.access(f, os.R_OK):
+                raise SpecError(field, f"{f} is not readable; fix its permissions")
+        for f in src.text_files:
+            check_utf8(f, field)
+        sources.append((field, src))
+    if not sources:
+        return
+    name = t.tokenizer_name or t.model_name
     try:
-        tokenizer = token_counter(source)
+        tokenizer = token_counter(name)
     except TokenizerLoadError as exc:
         raise SpecError("train.tokenizer_name" if t.tokenizer_name else "train.model_name",
-                        f"no tokenizer loads from {source} ({exc}); point it at a directory with tokenizer files") from None
-    check_data_file(t.data_path, t, tokenizer, field="train.data_path")
-    if t.eval_data_path:
-        check_data_file(t.eval_data_path, t, tokenizer, field="train.eval_data_path")
+                        f"no tokenizer loads from {name} ({exc}); point it at a directory with tokenizer files") from None
+    for field, src in sources:
+        rows, columns = preview(src, preview_rows, field)
+        check_data_rows(rows, columns, t, tokenizer, field=field, source=src.path)
 
 
 def check_capacity(spec: JobSpec, cluster_nodes) -> None:
@@ -161,12 +177,19 @@ def sbatch_env() -> dict[str, str]:
     return {**os.environ, PYTHON_VAR: sys.executable}
 
 
-def submit_sbatch(spec: JobSpec, script: str) -> Submitted:
+def dependency_args(after: str | None) -> list[str]:
+    """sbatch options that hold a job until `after` (a job id) succeeded, and cancel it if that failed
+    (Slurm would otherwise leave it pending forever with DependencyNeverSatisfied)."""
+    return [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+
+
+def _sbatch(spec: JobSpec, script: str, options: list[str]) -> str:
+    """sbatch the script; the job id. Nothing is left behind when Slurm refuses it."""
     out = Path(spec.output_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        proc = subprocess.run(["sbatch", "--parsable"], input=script, text=True, capture_output=True,
+        proc = subprocess.run(["sbatch", "--parsable", *options], input=script, text=True, capture_output=True,
                               env=sbatch_env())
     except FileNotFoundError:
         proc = None
@@ -175,15 +198,25 @@ def submit_sbatch(spec: JobSpec, script: str) -> Submitted:
             out.rmdir()
         why = "sbatch not found; run on a Slurm login node" if proc is None else proc.stderr.strip()
         raise SubmitError(f"sbatch refused the job: {why}")
-    job_id = proc.stdout.strip().split(";")[0]
-    return Submitted(job_id, "sbatch", job_dir(out, spec.name) / job_id, slurm_output(out, job_id))
+    return proc.stdout.strip().split(";")[0]
+
+
+def submit_sbatch(spec: JobSpec, script: str, *, after: str | None = None) -> Submitted:
+    out = Path(spec.output_dir)
+    job_id = _sbatch(spec, script, dependency_args(after))
+    return Submitted(job_id, "sbatch", job_dir(out, spec.name) / job_id, slurm_output(out, job_id), after)
+
+
+def submit_prepare(spec: JobSpec, *, source: str) -> str:
+    """Queue the data-preparation job (render_prepare_sbatch); its job id."""
+    return _sbatch(spec, render_prepare_sbatch(spec, source=source), [])
 
 
 class SubmitError(RuntimeError):
     """Slurm refused the job (the message is Slurm's)."""
 
 
-def submit_submitit(spec: JobSpec) -> Submitted:
+def submit_submitit(spec: JobSpec, *, after: str | None = None) -> Submitted:
     import submitit
     from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
@@ -196,7 +229,11 @@ def submit_submitit(spec: JobSpec) -> Submitted:
                                           max_num_timeout=MAX_TIMEOUTS)
     except RuntimeError as exc:  # submitit's "Could not detect srun"
         raise SubmitError(f"submitit could not submit: {exc}; run on a Slurm login node") from None
-    executor.update_parameters(**submitit_parameters(spec))
+    params = submitit_parameters(spec)
+    if after:  # dependency_args, as submitit writes #SBATCH lines from a dict
+        params["additional_parameters"] = {**params.get("additional_parameters", {}),
+                                           "dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"}
+    executor.update_parameters(**params)
     task = NodeTask(command=entry_command(spec), job_dir=str(job_dir(spec.output_dir, spec.name)),
                     env=dict(spec.env), rdzv_port=spec.launch.rdzv_port, requeue=spec.launch.requeue)
     try:
@@ -207,7 +244,7 @@ def submit_submitit(spec: JobSpec) -> Submitted:
         raise SubmitError(f"submitit could not submit: {exc}") from None
     job_id = str(job.job_id)
     run = RunPaths.for_job(spec.output_dir, spec.name, job_id)
-    return Submitted(job_id, "submitit", run.run_dir, run.submitit_log())
+    return Submitted(job_id, "submitit", run.run_dir, run.submitit_log(), after)
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -220,10 +257,17 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def submit(spec: JobSpec, *, source: str, check: bool = True) -> Submitted:
-    """Check (unless check is False: `hpcft submit --no-check`), then submit through the spec's backend."""
+def submit(spec: JobSpec, *, source: str, check: bool = True, prepare: bool = False) -> Submitted:
+    """Check (unless check is False: `hpcft submit --no-check`), then submit through the spec's backend;
+    with prepare, the data-preparation job first and the training job after it (afterok)."""
     if check:
         check_before_queue(spec)
-    if spec.launch.backend == "submitit":
-        return submit_submitit(spec)
-    return submit_sbatch(spec, render_sbatch(spec, source=source))
+    after = submit_prepare(spec, source=source) if prepare else None
+    try:
+        if spec.launch.backend == "submitit":
+            return submit_submitit(spec, after=after)
+        return submit_sbatch(spec, render_sbatch(spec, source=source), after=after)
+    except SubmitError:
+        if after:  # no training job: its preparation is not wanted either
+            subprocess.run(["scancel", after], capture_output=True)
+        raise

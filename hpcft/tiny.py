@@ -4,7 +4,8 @@
     hpcft make-tiny-model artifacts/llama-16m --hidden-size 512
     hpcft make-tiny-model artifacts/tiny-bart --arch bart       # encoder-decoder, for summarization
 
-The tokenizer is trained with `tokenizers` on the shipped JSONL data; both are saved with
+The tokenizer is trained with `tokenizers` on the shipped JSONL data and carries a ChatML chat
+template (<|im_start|>role ... <|im_end|>), so chat data trains end to end; both are saved with
 save_pretrained and load back through AutoModelForCausalLM / AutoTokenizer like any hub model.
 """
 from __future__ import annotations
@@ -15,19 +16,27 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from hpcft.dataformat import ALPACA_PROMPT_INPUT, SAMSUM_PROMPT
+from hpcft.dataformat import TEMPLATES
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+# ChatML, as many instruction-tuned models write it; bos first, each turn closed by <|im_end|>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def corpus_lines(files: Iterable[str | Path]) -> Iterator[str]:
-    yield SAMSUM_PROMPT
-    yield ALPACA_PROMPT_INPUT
+    yield from TEMPLATES
     for f in files:
         with open(f, encoding="utf-8") as fh:
             for line in fh:
                 row = json.loads(line)
-                yield from (v for v in row.values() if isinstance(v, str))
+                for v in row.values():
+                    if isinstance(v, str):
+                        yield v
+                    elif isinstance(v, list):  # chat turns
+                        yield from (t.get("content", "") for t in v if isinstance(t, dict))
 
 
 def train_tokenizer(files: Iterable[str | Path], vocab_size: int):
@@ -41,7 +50,7 @@ def train_tokenizer(files: Iterable[str | Path], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus_lines(files), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=2048)
+                                   unk_token="<unk>", model_max_length=2048, chat_template=CHAT_TEMPLATE)
 
 
 ARCHS = ("llama", "bart")

@@ -9,6 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from hpcft.dataformat import DATASETS
 from hpcft.errors import SpecError
 from hpcft.typedload import build_dataclass
 
@@ -16,8 +17,8 @@ STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16")
 BATCHING = ("padding", "packing")
+PACKING_MODES = ("isolated", "concat")
 MODEL_TYPES = ("auto", "causal", "seq2seq")
-DATASETS = ("auto", "samsum", "alpaca")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -25,11 +26,22 @@ SCHEDULERS = ("cosine", "linear", "constant")
 class TrainConfig:
     model_name: str = "artifacts/tiny-llama"  # local directory with config + weights (from_pretrained)
     tokenizer_name: str | None = None  # defaults to model_name
-    dataset: str = "auto"  # samsum (dialogue -> summary), alpaca (instruction/input/output), auto
-    data_path: str = "data/samsum_tiny.jsonl"  # local JSONL file of training examples
-    eval_data_path: str | None = None  # local JSONL for evaluation; default: hold out val_fraction
-    val_fraction: float = 0.1  # share of data_path held out for eval when eval_data_path is unset
-    context_length: int = 256  # tokens per example; longer examples are truncated
+    dataset: str = "auto"  # the data's form: samsum, alpaca, grammar, completion, chat, text, tokens, custom; auto
+    #   tells it from the columns (hpcft.dataformat)
+    data_path: str = "data/samsum_tiny.jsonl"  # .jsonl/.json/.csv/.parquet/.arrow/.txt file, a glob of them, a
+    #   save_to_disk directory or a directory load_dataset reads (hpcft.datasource)
+    eval_data_path: str | None = None  # the same for evaluation; default: data_path's validation split, else
+    #   val_fraction of it held out
+    val_fraction: float = 0.1  # share of data_path held out for eval when there is no eval split
+    custom_dataset: str | None = None  # dataset: custom: path/to/file.py[:function], called as llama-recipes'
+    #   get_custom_dataset(dataset_config, tokenizer, split) and returning rows of any form (or token ids)
+    dataset_text_field: str = "text"  # the column dataset: text trains on (TRL's name)
+    chat_template: str | None = None  # dataset: chat: a Jinja chat template, or a file holding one; default: the
+    #   tokenizer's own
+    data_cache_dir: str | None = None  # tokenized data shared by jobs; default <output_dir>/data-cache
+    dataset_num_proc: int = 0  # processes that tokenize (once per job); 0: every CPU the tokenizing process has
+    data_timeout_s: int = 7200  # how long ranks wait for the job's one tokenizing process (no collective timeout)
+    context_length: int = 256  # tokens per example; longer examples are truncated (text: cut into pieces)
     model_type: str = "auto"  # causal (decoder-only) or seq2seq (BART-style); auto reads the model config
     strategy: str = "ddp"  # parallelism: ddp, fsdp, zero1, zero2, zero3 (DeepSpeed)
     sharding_strategy: str = "FULL_SHARD"  # fsdp: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD
@@ -47,7 +59,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling), pure_bf16 (weights in bf16)
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
     attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (use_fast_kernels in llama-recipes)
-    batching_strategy: str = "padding"  # padding (one example per row) or packing (concatenate to context_length)
+    batching_strategy: str = "padding"  # padding (one example per row) or packing (several examples per row)
+    packing_mode: str = "isolated"  # packing: isolated (whole examples per row, positions restart and attention
+    #   stays inside each example) or concat (llama-recipes: one token stream cut into rows, examples see each other)
     batch_size_training: int = 4  # micro-batch per rank
     val_batch_size: int = 8  # eval batch per rank
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -91,11 +105,18 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             bad("dataset", f"must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
         for name, allowed in (("sharding_strategy", SHARDING), ("precision", PRECISIONS),
-                              ("batching_strategy", BATCHING), ("model_type", MODEL_TYPES),
+                              ("batching_strategy", BATCHING), ("packing_mode", PACKING_MODES),
+                              ("model_type", MODEL_TYPES),
                               ("attn_implementation", ("sdpa", "eager", "flash_attention_2")),
                               ("peft_method", ("lora",))):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.dataset == "custom" and not self.custom_dataset:
+            bad("custom_dataset", "dataset: custom needs custom_dataset: path/to/file.py[:function]")
+        if self.custom_dataset and self.dataset != "custom":
+            bad("custom_dataset", f"is only read with dataset: custom (got dataset {self.dataset})")
+        if not self.dataset_text_field:
+            bad("dataset_text_field", "name the column that holds the text")
         if self.quantization not in (None, "4bit", "8bit"):
             bad("quantization", f"must be 4bit or 8bit (got {self.quantization!r})")
         if self.quantization and not self.use_peft:
@@ -119,7 +140,7 @@ class TrainConfig:
         if self.lr_scheduler not in SCHEDULERS:
             bad("lr_scheduler", f"must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r})")
         for name in ("context_length", "batch_size_training", "val_batch_size", "gradient_accumulation_steps",
-                     "num_epochs", "log_every", "timeout_s"):
+                     "num_epochs", "log_every", "timeout_s", "data_timeout_s"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (got {getattr(self, name)})")
         if self.hang_timeout_s < 0 or 0 < self.hang_timeout_s and self.hang_timeout_s >= self.timeout_s:
@@ -129,7 +150,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (got {getattr(self, name)})")
         for name in ("max_train_step", "max_eval_step", "warmup_steps", "num_workers_dataloader", "save_every",
-                     "max_steps_this_run"):
+                     "max_steps_this_run", "dataset_num_proc"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0 (got {getattr(self, name)})")
         if not self.lr > 0:

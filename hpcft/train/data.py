@@ -1,113 +1,152 @@
-"""Local JSONL -> `datasets.Dataset` -> tokenized examples with the prompt masked from the loss.
-The forms and prompt templates live in hpcft.dataformat (no torch there)."""
+"""This rank's data: the job's tokenized cache (hpcft.prepare: one process per job tokenizes, every
+rank memory-maps the result), split into train/eval, made into rows (padding or packing,
+hpcft.train.packing) and laid out in global samples (GlobalBatchSampler)."""
 from __future__ import annotations
 
+import datetime
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
-from datasets import Dataset
+import torch.distributed as dist
 from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
-from hpcft.dataformat import IGNORE_INDEX, detect_format, prompt_and_target, read_jsonl
 from hpcft.errors import SpecError
+from hpcft.prepare import Prepared, lookup
+from hpcft.train.packing import ConcatRows, Examples, MaskedFiller, PackedRows, TokenStore
 
 
-def tokenize_example(tokenizer, prompt: str, target: str, context_length: int) -> dict:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    p = bos + tokenizer.encode(prompt, add_special_tokens=False)
-    t = tokenizer.encode(target, add_special_tokens=False) + eos
-    ids = (p + t)[:context_length]
-    labels = ([IGNORE_INDEX] * len(p) + t)[:context_length]
-    return {"input_ids": ids, "labels": labels}
+# ---------------------------------------------------------------------------------------------
+# Tokenized once per job.
 
 
-def tokenize_seq2seq(tokenizer, prompt: str, target: str, context_length: int) -> dict:
-    """Encoder reads the prompt, decoder learns the target: nothing to mask."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = (bos + tokenizer.encode(prompt, add_special_tokens=False) + eos)[:context_length]
-    labels = (tokenizer.encode(target, add_special_tokens=False) + eos)[:context_length]
-    return {"input_ids": ids, "labels": labels}
+def prepare_once(cfg, rt, cache_root: Path) -> Prepared:
+    """The job's tokenized data, tokenized by one process for the whole job: rank 0 looks it up in the
+    cache and on a miss runs `python -m hpcft.prepare` (a clean child process, which forks its own
+    tokenizing workers); the other ranks wait for rank 0's answer in a gloo group of their own whose
+    timeout is data_timeout_s, so a long tokenization never trips the collective timeout."""
+    answer: list = [None]
+    if rt.is_main:
+        try:
+            answer[0] = lookup(cfg, cache_root)
+            if answer[0] is None:
+                answer[0] = _prepare_in_child(cfg, cache_root)
+        except SpecError as exc:
+            answer[0] = exc
+    if dist.is_initialized():
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.data_timeout_s))
+        dist.broadcast_object_list(answer, src=0, group=group)
+        dist.destroy_process_group(group)
+    if isinstance(answer[0], SpecError):
+        raise answer[0]
+    prepared: Prepared = answer[0]
+    if rt.is_main and not prepared.built:
+        print(f"hpcft.train: tokenized data from the cache: {prepared.train.path.parent}", flush=True)
+    return prepared
 
 
-def build_dataset(rows: list[dict], fmt: str, tokenizer, context_length: int, *, seq2seq: bool = False) -> Dataset:
-    ds = Dataset.from_list([{"prompt": a, "target": b} for a, b in (prompt_and_target(r, fmt) for r in rows)])
-    tok = tokenize_seq2seq if seq2seq else tokenize_example
-    ds = ds.map(lambda ex: tok(tokenizer, ex["prompt"], ex["target"], context_length),
-                remove_columns=["prompt", "target"], keep_in_memory=True)
-    # An example whose summary was cut off entirely teaches nothing: drop it.
-    return ds.filter(lambda ex: any(x != IGNORE_INDEX for x in ex["labels"]), keep_in_memory=True)
+def _prepare_in_child(cfg, cache_root: Path) -> Prepared:
+    argv = [sys.executable, "-m", "hpcft.prepare", f"--cache-dir={cache_root}", *cfg.to_args()]
+    proc = subprocess.run(argv, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        if proc.returncode == 2 and last.startswith("hpcft.prepare: error: "):
+            field, _, message = last.removeprefix("hpcft.prepare: error: ").partition(": ")
+            raise SpecError(field, message)
+        raise RuntimeError(f"tokenizing the data failed (python -m hpcft.prepare exited {proc.returncode}): {last}")
+    prepared = lookup(cfg, cache_root)
+    if prepared is None:
+        raise RuntimeError(f"python -m hpcft.prepare finished but left no complete cache entry in {cache_root}")
+    return Prepared(prepared.train, prepared.eval, prepared.form, built=True)
 
 
-def pack(ds: Dataset, context_length: int) -> Dataset:
-    """Concatenate examples (prompt masks kept) and cut into rows of exactly context_length tokens,
-    as llama-recipes' packing does: no padding, so every token computed is a real one."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for ex in ds:
-        ids.extend(ex["input_ids"])
-        labels.extend(ex["labels"])
-    n = len(ids) // context_length
-    rows = [{"input_ids": ids[i * context_length:(i + 1) * context_length],
-             "labels": labels[i * context_length:(i + 1) * context_length]} for i in range(n)]
-    return Dataset.from_list(rows)
+# ---------------------------------------------------------------------------------------------
+# Splits and rows.
 
 
 @dataclass(frozen=True)
 class Splits:
-    train: Dataset
-    eval: Dataset | None
+    train: torch.utils.data.Dataset  # rows: Examples, PackedRows or ConcatRows
+    eval: torch.utils.data.Dataset | None
     form: str
 
 
-def load_splits(cfg, tokenizer, *, seq2seq: bool = False) -> Splits:
-    rows = read_jsonl(cfg.data_path)
-    form = detect_format(rows, cfg.dataset, "train.data_path")
-    eval_rows: list[dict] | None = None
-    if cfg.eval_data_path:
-        eval_rows = read_jsonl(cfg.eval_data_path, "train.eval_data_path")
-        detect_format(eval_rows, form, "train.eval_data_path")
-    elif cfg.run_validation and cfg.val_fraction > 0:
-        g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(rows), generator=g).tolist()
-        n_eval = max(1, int(len(rows) * cfg.val_fraction))
-        eval_rows = [rows[i] for i in order[:n_eval]]
-        rows = [rows[i] for i in order[n_eval:]]
+def make_rows(cfg, store: TokenStore, index: np.ndarray, *, for_eval: bool = False):
+    if cfg.batching_strategy == "padding" or (for_eval and cfg.packing_mode == "concat"):
+        return Examples(store, index)
+    if cfg.packing_mode == "isolated":
+        return PackedRows(store, index, cfg.context_length)
+    return ConcatRows(store, index, cfg.context_length)
+
+
+def load_splits(cfg, prepared: Prepared, *, seq2seq: bool = False) -> Splits:
+    """Train and eval rows over the memory-mapped cache. Eval is eval_data_path, else data_path's own
+    validation split, else val_fraction of data_path held out (a fixed draw from seed)."""
     if seq2seq and cfg.batching_strategy == "packing":
         raise SpecError("train.batching_strategy", "packing is for decoder-only models; use padding with seq2seq")
-    train = build_dataset(rows, form, tokenizer, cfg.context_length, seq2seq=seq2seq)
+    store = TokenStore(prepared.train.path)
+    train_index = np.arange(len(store), dtype=np.int64)
+    eval_rows = None
+    if prepared.eval is not None:
+        ev = TokenStore(prepared.eval.path)
+        eval_rows = make_rows(cfg, ev, np.arange(len(ev), dtype=np.int64), for_eval=True)
+    elif cfg.run_validation and cfg.val_fraction > 0:
+        order = torch.randperm(len(store), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        n_eval = max(1, int(len(store) * cfg.val_fraction))
+        if n_eval >= len(store):
+            raise SpecError("train.val_fraction", f"holds out all {len(store)} example(s); lower it or set "
+                                                  "eval_data_path")
+        eval_rows = make_rows(cfg, store, np.sort(order[:n_eval]), for_eval=True)
+        train_index = np.sort(order[n_eval:])
+    train = make_rows(cfg, store, train_index)
     if len(train) == 0:
-        raise SpecError("train.context_length", f"every example is longer than {cfg.context_length} tokens "
-                                                "before its answer starts; raise context_length")
-    ev = build_dataset(eval_rows, form, tokenizer, cfg.context_length, seq2seq=seq2seq) if eval_rows else None
-    if cfg.batching_strategy == "packing":
-        train = pack(train, cfg.context_length)
-        if len(train) == 0:
-            raise SpecError("train.context_length", f"the data holds fewer than {cfg.context_length} tokens; "
-                                                    "lower context_length or use batching_strategy: padding")
-    return Splits(train=train, eval=ev, form=form)
+        raise SpecError("train.context_length", f"the data holds fewer than {cfg.context_length} tokens; "
+                                                "lower context_length or use batching_strategy: padding")
+    return Splits(train=train, eval=eval_rows, form=prepared.form)
 
 
-def make_collate(pad_id: int):
-    """Pad input_ids (pad id) and labels (ignored) each to their longest in the batch; for decoder-only
-    data both have the same length, for seq2seq the labels are the decoder side."""
+# ---------------------------------------------------------------------------------------------
+# The layout in global samples.
 
-    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(ex["input_ids"]) for ex in batch)
-        m = max(len(ex["labels"]) for ex in batch)
-        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), m), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, ex in enumerate(batch):
-            k = len(ex["input_ids"])
-            ids[i, :k] = torch.tensor(ex["input_ids"])
-            labels[i, :len(ex["labels"])] = torch.tensor(ex["labels"])
-            mask[i, :k] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    return collate
+class _Steps:
+    """One rank's micro-batches of an epoch, step by step, computed when asked (nothing per example
+    is materialised beyond the epoch's permutation)."""
+
+    def __init__(self, sampler: "GlobalBatchSampler", order: np.ndarray, start: int):
+        self.s, self.order, self.start = sampler, order, start
+
+    def __len__(self) -> int:
+        return -(-(self.s.n - self.start) // self.s.global_batch) if self.s.n > self.start else 0
+
+    def _shape(self, k: int) -> tuple[int, int, int, int]:
+        """Step k's first global sample, its size, its micro-batch chunks, and micro-steps per rank."""
+        s = self.s
+        base = self.start + k * s.global_batch
+        size = min(s.global_batch, s.n - base)
+        chunks = -(-size // s.micro)
+        return base, size, chunks, -(-chunks // s.world)
+
+    def micro_count(self, k: int) -> int:
+        """Micro-steps every rank makes in step k (the accumulation, fewer in a short last step)."""
+        return self._shape(k)[3]
+
+    def __getitem__(self, k: int) -> list[list[int]]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        s = self.s
+        base, size, chunks, per_rank = self._shape(k)
+        mine = [self.order[base + j * s.micro: base + min((j + 1) * s.micro, size)].tolist()
+                for j in range(s.rank, chunks, s.world)]
+        filler = [-1 - int(self.order[base])]  # masked copy of a real example: same shapes, no gradient
+        return mine + [filler] * (per_rank - len(mine))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
 
 
 class GlobalBatchSampler:
@@ -118,7 +157,8 @@ class GlobalBatchSampler:
     j // world. Every rank makes the same number of micro-steps per step: where the epoch's last
     global batch runs short, a rank without a chunk gets a filler (an example with every label
     masked, index -1-i) that adds nothing to the gradient. No example is repeated or skipped within
-    an epoch, and a resume at global sample k on any world size continues exactly there."""
+    an epoch, and a resume at global sample k on any world size continues exactly there. The epoch
+    is held as one int64 permutation; steps are computed from it when the loop asks."""
 
     def __init__(self, n: int, *, micro: int, accum: int, world: int, rank: int, seed: int, shuffle: bool = True):
         self.n, self.micro, self.accum, self.world, self.rank = n, micro, accum, world, rank
@@ -133,53 +173,31 @@ class GlobalBatchSampler:
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         """Lay out epoch `epoch` from global sample `start_sample` (a multiple of the global batch)."""
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
         else:
-            order = list(range(self.n))
+            order = np.arange(self.n, dtype=np.int64)
         self.epoch = epoch
-        self.steps: list[list[list[int]]] = []  # this rank's micro-batches, step by step
-        for base in range(start_sample, self.n, self.global_batch):
-            batch = order[base:base + self.global_batch]
-            chunks = [batch[i:i + self.micro] for i in range(0, len(batch), self.micro)]
-            per_rank = -(-len(chunks) // self.world)
-            mine = [chunks[j] for j in range(self.rank, len(chunks), self.world)]
-            filler = [-1 - chunks[0][0]]  # masked copy of a real example: same shapes, no gradient
-            self.steps.append(mine + [filler] * (per_rank - len(mine)))
+        self.steps = _Steps(self, order, start_sample)  # this rank's micro-batches, step by step
 
     def __iter__(self):
         return (mb for step in self.steps for mb in step)
 
     def __len__(self) -> int:
-        return sum(len(step) for step in self.steps)
+        return sum(self.steps.micro_count(k) for k in range(len(self.steps)))
 
 
-class MaskedFiller(TorchDataset):
-    """The train split, where index -1-i is example i with every label masked (GlobalBatchSampler's filler)."""
-
-    def __init__(self, ds: Dataset):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        if i >= 0:
-            return self.ds[i]
-        ex = self.ds[-1 - i]
-        return {"input_ids": ex["input_ids"], "labels": [IGNORE_INDEX] * len(ex["labels"])}
-
-
-def make_loader(ds: Dataset, *, batch_size: int, accum: int, rank: int, world_size: int, shuffle: bool, seed: int,
-                pad_id: int, num_workers: int) -> DataLoader:
+def make_loader(rows, *, batch_size: int, accum: int, rank: int, world_size: int, shuffle: bool, seed: int,
+                pad_id: int, num_workers: int, attn_implementation: str = "sdpa") -> DataLoader:
     """This rank's micro-batches (GlobalBatchSampler); loader.batch_sampler positions the epoch."""
-    sampler = GlobalBatchSampler(len(ds), micro=batch_size, accum=accum, world=world_size, rank=rank, seed=seed,
+    sampler = GlobalBatchSampler(len(rows), micro=batch_size, accum=accum, world=world_size, rank=rank, seed=seed,
                                  shuffle=shuffle)
-    return DataLoader(MaskedFiller(ds), batch_sampler=sampler, collate_fn=make_collate(pad_id),
+    return DataLoader(MaskedFiller(rows), batch_sampler=sampler, collate_fn=rows.collate(pad_id, attn_implementation),
                       num_workers=num_workers)
 
 
-def make_eval_loader(ds: Dataset, *, batch_size: int, rank: int, world_size: int, pad_id: int) -> DataLoader:
-    """Every eval example exactly once over all ranks (no padding duplicates, unlike DistributedSampler),
+def make_eval_loader(rows, *, batch_size: int, rank: int, world_size: int, pad_id: int,
+                     attn_implementation: str = "sdpa") -> DataLoader:
+    """Every eval row exactly once over all ranks (no padding duplicates, unlike DistributedSampler),
     so the eval loss does not depend on the number of ranks."""
-    return DataLoader(ds, batch_size=batch_size, sampler=list(range(rank, len(ds), world_size)),
-                      collate_fn=make_collate(pad_id))
+    return DataLoader(rows, batch_size=batch_size, sampler=range(rank, len(rows), world_size),
+                      collate_fn=rows.collate(pad_id, attn_implementation))

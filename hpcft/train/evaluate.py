@@ -16,6 +16,8 @@ import torch
 
 from hpcft.distenv import DistEnv
 from hpcft.errors import SpecError
+from hpcft.paths import RunPaths, data_cache_dir
+from hpcft.prepare import prepare
 from hpcft.train.config import TrainConfig, parse_args
 from hpcft.train.data import load_splits, make_eval_loader
 from hpcft.train.dist import Runtime
@@ -38,13 +40,23 @@ def load_saved(cfg: TrainConfig):
     return load_model(cfg, seq2seq=seq2seq, dtype=torch.float32), load_tokenizer(cfg), seq2seq
 
 
+def cache_root(cfg: TrainConfig) -> Path:
+    """train.data_cache_dir, else the cache of the job whose export this is (<run>/model), else runs/."""
+    if cfg.data_cache_dir:
+        return Path(cfg.data_cache_dir)
+    run_dir = Path(cfg.model_name).parent
+    return RunPaths(run_dir).data_cache if RunPaths(run_dir).train_config.is_file() else data_cache_dir("runs")
+
+
 def evaluate_saved(cfg: TrainConfig) -> float:
     model, tokenizer, seq2seq = load_saved(cfg)
-    splits = load_splits(cfg, tokenizer, seq2seq=seq2seq)
+    # The export holds the tokenizer it was trained with; an adapter's base decides the model kind.
+    data_cfg = dataclasses.replace(cfg, model_type="seq2seq" if seq2seq else "causal")
+    splits = load_splits(data_cfg, prepare(data_cfg, cache_root(cfg), log=lambda _: None), seq2seq=seq2seq)
     if splits.eval is None:
         raise SpecError("train.eval_data_path", "no eval split: set eval_data_path or val_fraction > 0")
     loader = make_eval_loader(splits.eval, batch_size=cfg.val_batch_size, rank=0, world_size=1,
-                              pad_id=tokenizer.pad_token_id)
+                              pad_id=tokenizer.pad_token_id, attn_implementation=cfg.attn_implementation)
     rt = Runtime(env=DistEnv(), device=torch.device("cpu"), backend="gloo")
     engine = SimpleNamespace(model=model, autocast=contextlib.nullcontext)
     return evaluate(engine, loader, rt, max_steps=cfg.max_eval_step, seq2seq=seq2seq)

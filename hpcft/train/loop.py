@@ -20,7 +20,10 @@ from hpcft.train.watchdog import Progress
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The model's inputs on the device (the collate's num_tokens is not one). No KV cache: a cache
+    would also turn off the packed-sequence mask the model builds from position_ids."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
+    return {**inputs, "use_cache": False}
 
 
 def predicted_tokens(labels: torch.Tensor, *, seq2seq: bool) -> int:
@@ -103,14 +106,14 @@ def train(engine, loader, cfg: TrainConfig, rt: Runtime, *, total_steps: int, st
             break
         start = state.samples_in_epoch if epoch == state.epoch else 0
         sampler.set_epoch(epoch, start)
-        micro_steps = [len(step) for step in sampler.steps]  # the same on every rank
+        micro_steps = [sampler.steps.micro_count(k) for k in range(len(sampler.steps))]  # the same on every rank
         batches = beat.data(loader)
         for k, n_micro in enumerate(micro_steps):
             for m in range(n_micro):
                 batch = next(batches)
                 n_pred = predicted_tokens(batch["labels"], seq2seq=seq2seq)
                 if n_pred:
-                    window["tokens"] += int(batch["attention_mask"].sum())
+                    window["tokens"] += int(batch["num_tokens"])
                     window["useful"] += n_pred
                     window["flops"] += flops.batch_flops(batch["input_ids"].numel(), batch["input_ids"].shape[1])
                 beat.phase("forward")

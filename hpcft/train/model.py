@@ -8,15 +8,8 @@ import torch
 from torch import nn
 
 from hpcft.errors import SpecError
+from hpcft.prepare import is_seq2seq, load_tokenizer  # noqa: F401 - the training side's names for them
 from hpcft.train.config import TrainConfig
-
-
-def is_seq2seq(cfg: TrainConfig) -> bool:
-    if cfg.model_type != "auto":
-        return cfg.model_type == "seq2seq"
-    from transformers import AutoConfig
-
-    return bool(getattr(AutoConfig.from_pretrained(cfg.model_name, local_files_only=True), "is_encoder_decoder", False))
 
 
 def check_model_dir(cfg: TrainConfig) -> None:
@@ -36,15 +29,6 @@ def check_quantization(cfg: TrainConfig) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise SpecError("train.quantization", "needs the bitsandbytes package: pip install bitsandbytes") from None
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name or cfg.model_name, local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def model_class(seq2seq: bool):

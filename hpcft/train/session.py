@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from hpcft.paths import RunPaths
 from hpcft.train.checkpoint import RunShape, TrainerState, agree_on_resume, load_checkpoint
 from hpcft.train.config import TrainConfig
-from hpcft.train.data import Splits, load_splits, make_eval_loader, make_loader
+from hpcft.train.data import Splits, load_splits, make_eval_loader, make_loader, prepare_once
 from hpcft.train.dist import Runtime, print0
 from hpcft.train.flops import model_shape, peak_flops
 from hpcft.train.loop import FlopsModel, plan_steps
@@ -87,22 +87,31 @@ def plan_resume(cfg: TrainConfig, rt: Runtime, paths: RunPaths) -> tuple[TrainCo
     return cfg, Resume(path, saved, plan.describe())
 
 
-def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
+def data_cache_root(cfg: TrainConfig, paths: RunPaths) -> Path:
+    return Path(cfg.data_cache_dir) if cfg.data_cache_dir else paths.data_cache
+
+
+def build_data(cfg: TrainConfig, rt: Runtime, paths: RunPaths) -> Data:
+    """The job's data tokenized once (prepare_once), memory-mapped on this rank, and its loaders."""
     env = rt.env
     seq2seq = is_seq2seq(cfg)
     tokenizer = load_tokenizer(cfg)
-    splits = load_splits(cfg, tokenizer, seq2seq=seq2seq)
+    prepared = prepare_once(cfg, rt, data_cache_root(cfg, paths))
+    splits = load_splits(cfg, prepared, seq2seq=seq2seq)
+    attn = cfg.attn_implementation
     train_loader = make_loader(splits.train, batch_size=cfg.batch_size_training,
                                accum=cfg.gradient_accumulation_steps, shuffle=True, rank=env.rank,
                                world_size=env.world_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
-                               num_workers=cfg.num_workers_dataloader)
+                               num_workers=cfg.num_workers_dataloader, attn_implementation=attn)
     eval_loader = (make_eval_loader(splits.eval, batch_size=cfg.val_batch_size, rank=env.rank,
-                                    world_size=env.world_size, pad_id=tokenizer.pad_token_id)
+                                    world_size=env.world_size, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
                    if splits.eval is not None and cfg.run_validation else None)
     sampler = train_loader.batch_sampler
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = plan_steps(cfg, steps_per_epoch)
-    print0(rt, f"hpcft.train: {len(splits.train)} train examples ({splits.form}, {cfg.batching_strategy}), "
+    rows = splits.train
+    packed = f" in {len(rows):,} packed rows ({cfg.packing_mode})" if cfg.batching_strategy == "packing" else ""
+    print0(rt, f"hpcft.train: {rows.examples:,} train examples ({splits.form}, {cfg.batching_strategy}){packed}, "
                f"global batch {sampler.global_batch} (micro-batch {cfg.batch_size_training} x accumulation "
                f"{cfg.gradient_accumulation_steps} x {env.world_size} rank(s)), {steps_per_epoch} steps per epoch, "
                f"{total_steps} steps in all")
@@ -115,7 +124,7 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
     torch.manual_seed(cfg.seed)
     cfg, resume = plan_resume(cfg, rt, paths)
     if data is None or data.train_loader.batch_sampler.accum != cfg.gradient_accumulation_steps:
-        data = build_data(cfg, rt)
+        data = build_data(cfg, rt, paths)
     precision = resolve_precision(cfg.precision)
     low_cpu = cfg.strategy == "fsdp" and cfg.low_cpu_fsdp and rt.env.distributed
     model = load_model(cfg, seq2seq=data.seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main)
