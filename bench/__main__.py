@@ -1,11 +1,11 @@
 """hpcft benchmarks: one command, every measure side by side in one run on this machine.
 
     bash bench/run.sh            # set-up, local cluster, the full run (~35 min on 2 cores), cluster down
-    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies,watchdog] [--results DIR]
+    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies,watchdog,data] [--results DIR]
 
 Prints a table and writes results.json, results.md and PNG plots (default bench/results/; --quick
-writes to artifacts/bench/quick/). Parts 3 (the 2-node case) and 4 need the local Slurm cluster
-(envs/local-cluster.sh up) and SLURM_CONF in the environment. Not part of the test suite.
+writes to artifacts/bench/quick/). Parts 3 (the 2-node case), 4 and 9 (data) need the local Slurm
+cluster (envs/local-cluster.sh up) and SLURM_CONF in the environment. Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import logtriage, memory, report, scaling, throughput, watchdog
+from bench import data_scale, logtriage, memory, report, scaling, throughput, watchdog
 from bench.common import ROOT, hpcft_run, median, prepare
 
-PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies", "watchdog")
+PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies", "watchdog", "data")
 
 
 def machine() -> dict:
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     part("logs", lambda: logtriage.triage(work, args.quick))
     part("strategies", lambda: throughput.strategy_table(setup))
     part("watchdog", lambda: watchdog.watchdog_cost(setup))
+    part("data", lambda: data_scale.data_scale(setup))
     files = report.write(r, results_dir)
     report.print_table(report.summary_rows(r))
     print("bench: wrote " + ", ".join(str(f) for f in files))

@@ -92,7 +92,12 @@ def _builder_options(src: Source) -> dict:
 
 
 def _read(src: Source, field: str, reader):
-    """Run a datasets reader, turning whatever it raises on unreadable data into one SpecError line."""
+    """Run a datasets reader, turning whatever it raises on unreadable data into one SpecError line
+    (datasets' own log lines and progress bars would repeat it over several)."""
+    import datasets
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
     try:
         return reader()
     except SpecError:

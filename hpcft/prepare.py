@@ -302,7 +302,17 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
         meta["form"] = meta.get("form", form)
     shutil.rmtree(staging / ".hf", ignore_errors=True)
     meta["seconds"] = round(time.perf_counter() - t0, 2)
+    meta["peak_rss_mib"] = peak_rss_mib()
     return meta
+
+
+def peak_rss_mib() -> dict:
+    """Peak resident memory of this process and of its largest finished worker: what a prepare job's
+    prepare.mem must hold."""
+    import resource
+
+    return {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024}
 
 
 def _total_tokens(ds) -> int:
@@ -372,9 +382,10 @@ def prepare(cfg, root: Path, *, num_proc: int = 0, log: Callable[[str], None] = 
                                    timeout_s=timeout_s if timeout_s is not None else cfg.data_timeout_s)
         meta = read_meta(entry)
         if here:
+            rss = meta["peak_rss_mib"]
             log(f"hpcft.prepare: tokenized {meta['source']} in {meta['seconds']:.1f} s -> {entry} ("
                 + ", ".join(f"{s}: {v['examples']:,} examples, {v['tokens']:,} tokens" for s, v in meta["splits"].items())
-                + ")")
+                + f"; peak memory {rss['process']:,} MiB, largest worker {rss['largest_worker']:,} MiB)")
         else:
             log(f"hpcft.prepare: cache hit for {meta['source']}: {entry}")
         entries.append((field, entry))

@@ -197,6 +197,16 @@ BAD_INPUT = {
     "node-range": ({"resources": {"nodes": "4-2"}}, {}, [], "resources.nodes", "min <= max"),
     "gpu-type": ({"resources": {"gpus_per_node": "a100:4"}}, {"bin/sinfo": SINFO_V100}, [], "resources.gpu_type",
                  "no node in the default partition has a100 GPUs (GPU types there: v100; use one of them)"),
+    "data-missing": ({"train": {"data_path": "nope/train.jsonl"}}, {}, [], "train.data_path",
+                     "no such file or directory"),
+    "data-file-type": ({"train": {"data_path": "data.xlsx"}}, {"data.xlsx": "x"}, [], "train.data_path",
+                       "unknown file type .xlsx"),
+    "data-unreadable": ({"train": {"data_path": "data.parquet"}}, {"data.parquet": b"PAR1 not parquet"}, [],
+                        "train.data_path", "datasets cannot read"),
+    "custom-function": ({"train": {"dataset": "custom", "custom_dataset": "loader.py:nope"}},
+                        {"loader.py": "def get_custom_dataset(dataset_config, tokenizer, split):\n    return []\n"}, [],
+                        "train.custom_dataset", "defines no function nope"),
+    "prepare-time": ({"prepare": {"time": "25:99:99"}}, {}, [], "prepare.time", "minutes must be < 60"),
 }
 
 
@@ -284,3 +294,25 @@ def test_login_node_checks_import_no_torch(tmp_path, tiny_model):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PATH="/nonexistent")).stdout
     assert out.split() == ["False"] * 4
+
+
+def test_prepare_fills_the_cache_once_and_dry_run_prepare_prints_both_jobs(tmp_path, tiny_model):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "job", "output_dir": "out", "train": {
+        "model_name": str(tiny_model), "data_path": str(ROOT / "data/chat_tiny.jsonl"), "batching_strategy": "packing"}}))
+    proc = hpcft("submit", "--dry-run", "--prepare", str(spec), cwd=tmp_path, env=dict(os.environ, PATH="/nonexistent"))
+    assert proc.returncode == 0, proc.stderr
+    prepare_script, train_script = proc.stdout.split("# ---- then the training job", 1)
+    assert "#SBATCH --job-name=job-prepare" in prepare_script and "-m hpcft.prepare" in prepare_script
+    assert "-m hpcft.train" in train_script and not (tmp_path / "out").exists()
+    first = hpcft("prepare", str(spec), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "tokenized now" in first.stdout and "240 examples" in first.stdout and "(chat)" in first.stdout
+    assert first.stderr.count("hpcft.prepare: tokenizing") == 1
+    again = hpcft("prepare", str(spec), cwd=tmp_path)
+    assert again.returncode == 0 and "already there" in again.stdout and "tokenizing" not in again.stderr
+    entries = [p for p in (tmp_path / "out" / "data-cache").iterdir() if p.name != "fingerprints"]
+    assert len(entries) == 1
+    bad = hpcft("prepare", str(spec), "train.dataset=alpaca", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("hpcft: error: train.data_path: dataset=alpaca needs column(s) instruction, output")

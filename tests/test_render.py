@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcft.render import render_sbatch
+from hpcft.render import render_prepare_sbatch, render_sbatch
 from tests.shell import logical_lines
 from hpcft.spec import load_spec, spec_from_dict
 
@@ -51,6 +51,19 @@ def test_elastic_node_range_renders_slurms_own_range(update_goldens):
     assert "--nodes=\"$SLURM_JOB_NUM_NODES\"" in body and "--ntasks" not in body.replace("--ntasks-per-node", "")
 
 
+def test_prepare_job_render_matches_golden_and_passes_shellcheck(update_goldens):
+    """`hpcft submit --prepare`'s CPU job: one task, the prepare section's resources, the same training
+    flags as the job (so its cache key is the training job's), the cache of the output directory."""
+    spec = load_spec(ROOT / "jobs/chat_tiny.yaml", ["prepare.partition=cpu", "prepare.mem=16G"])
+    text = render_prepare_sbatch(spec, source="jobs/chat_tiny.yaml")
+    check_golden(GOLDEN / "chat_tiny.prepare.sbatch", text, update_goldens)
+    body = "\n".join(logical_lines(text))
+    assert "--cache-dir=runs/data-cache" in body and "--dataset=chat" in body and "--partition=cpu" in text
+    assert all(arg in body.split() for arg in spec.train.to_args()) and "gpu" not in text.lower()
+    proc = subprocess.run(["shellcheck", "-s", "bash", "-S", "warning", "-"], input=text, text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stdout
+
+
 def test_gres_and_gpu_type():
     spec = spec_from_dict({"resources": {"gpus_per_node": "h100:8", "gres": True}})
     assert "#SBATCH --gres=gpu:h100:8\n" in render_sbatch(spec)
@@ -68,6 +81,7 @@ def test_user_values_are_quoted(value, tmp_path):
     spec = spec_from_dict({"env": {"USER_VALUE": value}, "train": {"data_path": value}})
     script = render_sbatch(spec)
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input=render_prepare_sbatch(spec), text=True).returncode == 0
     # Run only the export line: the value must arrive unchanged, nothing executed.
     export = next(line for line in logical_lines(script) if line.startswith("export USER_VALUE="))
     out = subprocess.run(["bash", "-c", export + '\nprintf %s "$USER_VALUE"'], capture_output=True, text=True,
