@@ -54,7 +54,10 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     if memo is not None:
-        _write_atomic(memo, digest)
+        try:
+            _write_atomic(memo, digest)
+        except OSError:  # a memo is only a shortcut; an unwritable cache is reported where it is written
+            pass
     return digest
 
 
@@ -198,9 +201,17 @@ def ensure_entry(cache: DataCachePaths, key: CacheKey, build: Callable[[Path], d
     """The complete entry for `key`, built by `build(staging_dir) -> meta` if nobody has: exactly one
     process builds (the lock); the others wait for the entry to appear. Returns (entry, built_here)."""
     entry = cache.entry(key.digest)
-    if rebuild and entry.exists():
-        shutil.rmtree(entry)
-    cache.root.mkdir(parents=True, exist_ok=True)
+    try:
+        if rebuild and entry.exists():
+            shutil.rmtree(entry)
+        cache.root.mkdir(parents=True, exist_ok=True)
+        probe = cache.root / f".probe-{socket.gethostname()}-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError("train.data_cache_dir", f"cannot write the data cache {cache.root} ({exc.strerror}); set "
+                                                "data_cache_dir to a directory on a filesystem every node shares "
+                                                "and you can write") from None
     lock = EntryLock(cache.lock(key.digest))
     start = last_note = time.monotonic()
     while not cache.complete(key.digest):
@@ -227,8 +238,11 @@ def ensure_entry(cache: DataCachePaths, key: CacheKey, build: Callable[[Path], d
 
 
 def _build(cache: DataCachePaths, key: CacheKey, build: Callable[[Path], dict]) -> Path:
+    """Build under the lock. Any other staging directory of this entry belongs to a holder that died
+    (only the lock's holder writes one): removed first."""
+    for dead in cache.root.glob(cache.staging(key.digest, "*").name):
+        shutil.rmtree(dead, ignore_errors=True)
     staging = cache.staging(key.digest, f"{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         meta = build(staging)

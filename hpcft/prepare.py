@@ -98,29 +98,36 @@ def encode_prompts(rows: list[dict], where: list[str], form: str, tok, ctx: int,
             yield (p + t)[:ctx], ([IGNORE_INDEX] * len(p) + t)[:ctx]
 
 
-def _render(tok, messages: list[dict], **kw) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, **kw)
+def _render(tok, messages: list[dict], where: str = "", **kw) -> str:
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, **kw)
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, or a template's raise_exception(...)
+        raise SpecError("train.chat_template", f"{where}: the chat template refused this conversation "
+                                               f"({type(exc).__name__}: {exc}); fix the data or set a template "
+                                               "that renders it") from None
 
 
 def assistant_spans(tok, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns (each from where the
     generation prompt ends to the end of the turn, end-of-turn tokens included), found by rendering
     each prefix of the conversation: a template must render earlier turns the same once later ones follow."""
-    full = _render(tok, messages)
+    full = _render(tok, messages, where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        upto = _render(tok, messages[:i + 1], where)
         try:
             before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
-        except Exception:  # noqa: BLE001 - a template may refuse a conversation that does not start with a user
-            before = ""
-        upto = _render(tok, messages[:i + 1])
-        if not (full.startswith(upto) and upto.startswith(before)):
+            start, ok = len(before), full.startswith(upto) and upto.startswith(before)
+        except SpecError:  # a template may refuse a prefix (say, one ending in a system turn):
+            start = upto.rfind(m["content"])  # the turn then starts where its content does
+            ok = full.startswith(upto) and start >= 0
+        if not ok:
             raise SpecError("train.chat_template", f"{where}: the chat template renders earlier turns differently "
                                                    "once later turns follow, so assistant turns cannot be found for "
                                                    "the loss; use a template that renders each turn the same way")
-        spans.append((len(before), len(upto)))
+        spans.append((start, len(upto)))
     return full, spans
 
 

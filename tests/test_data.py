@@ -191,3 +191,29 @@ def test_chat_data_needs_a_chat_template_named_by_its_field(tiny_model, tmp_path
         cfg = TrainConfig(model_name=str(bare), dataset="chat", chat_template=value)
         check_chat_template(cfg)
         assert load_tokenizer(cfg).chat_template == template
+
+
+def test_chat_templates_that_refuse_or_rewrite_turns(tokenizer):
+    """A template's own raise_exception names the example; one that renders earlier turns differently
+    once later ones follow cannot have its assistant turns found; one that refuses a prefix (here: a
+    generation prompt after a system turn) still masks right, from where the turn's content starts."""
+    from hpcft.prepare import assistant_spans
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+              "{{ raise_exception('system only first') }}{% endif %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}")
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = strict
+    with pytest.raises(SpecError, match=r"train.chat_template: example 3: the chat template refused .*system only first"):
+        assistant_spans(tok, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                              {"role": "assistant", "content": "c"}], "example 3")
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}[{{ m['role'] }}]{{ m['content'] }}"
+                         "{% else %}<{{ m['content'] }}>{% endif %}{% endfor %}")  # drops earlier roles
+    with pytest.raises(SpecError, match="renders earlier turns differently"):
+        assistant_spans(tok, msgs, "example 1")
+    tok.chat_template = ("{% if add_generation_prompt and messages[-1]['role'] == 'system' %}"
+                         "{{ raise_exception('no') }}{% endif %}{% for m in messages %}[{{ m['role'] }}]"
+                         "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    text, spans = assistant_spans(tok, msgs[:3], "example 1")
+    assert [text[a:b] for a, b in spans] == ["A"]

@@ -133,3 +133,13 @@ def test_a_failed_tokenization_leaves_no_entry_and_no_lock(setup):
     with pytest.raises(SpecError, match="cannot tell the data form"):
         run(cfg, cache)
     assert [p.name for p in cache.iterdir() if p.name != "fingerprints"] == []
+
+
+def test_an_unwritable_cache_is_one_line_naming_data_cache_dir(setup, tmp_path):
+    cfg, _ = setup
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    from hpcft.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"^train.data_cache_dir: cannot write the data cache .*file/cache"):
+        run(cfg, blocker / "cache")
