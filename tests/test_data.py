@@ -7,7 +7,7 @@ import pytest
 
 from hpcft.dataformat import IGNORE_INDEX, detect_form, read_jsonl
 from hpcft.errors import SpecError
-from hpcft.prepare import encode_batch
+from hpcft.encode import encode_batch
 from hpcft.train.config import TrainConfig
 from hpcft.train.packing import pad_collate
 
@@ -197,7 +197,7 @@ def test_chat_templates_that_refuse_or_rewrite_turns(tokenizer):
     """A template's own raise_exception names the example; one that renders earlier turns differently
     once later ones follow cannot have its assistant turns found; one that refuses a prefix (here: a
     generation prompt after a system turn) still masks right, from where the turn's content starts."""
-    from hpcft.prepare import assistant_spans
+    from hpcft.encode import assistant_spans
 
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]

@@ -17,12 +17,12 @@ import torch
 from hpcft.distenv import DistEnv
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths, data_cache_dir
-from hpcft.prepare import prepare
+from hpcft.prepare import is_seq2seq, load_tokenizer, prepare
 from hpcft.train.config import TrainConfig, parse_args
 from hpcft.train.data import load_splits, make_eval_loader
 from hpcft.train.dist import Runtime
 from hpcft.train.loop import evaluate
-from hpcft.train.model import is_seq2seq, load_model, load_tokenizer
+from hpcft.train.model import load_model
 
 
 def load_saved(cfg: TrainConfig):

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from hpcft.errors import SpecError
-from hpcft.prepare import is_seq2seq, load_tokenizer  # noqa: F401 - the training side's names for them
 from hpcft.train.config import TrainConfig
 
 

@@ -21,8 +21,8 @@ from hpcft.train.data import Splits, load_splits, make_eval_loader, make_loader,
 from hpcft.train.dist import Runtime, print0
 from hpcft.train.flops import model_shape, peak_flops
 from hpcft.train.loop import FlopsModel, plan_steps
-from hpcft.train.model import (apply_activation_checkpointing, apply_lora, block_classes, count_params, is_seq2seq,
-                               load_model, load_tokenizer)
+from hpcft.prepare import is_seq2seq, load_tokenizer
+from hpcft.train.model import apply_activation_checkpointing, apply_lora, block_classes, count_params, load_model
 from hpcft.train.parallel import apply_strategy
 from hpcft.train.precision import Precision, resolve_precision
 from hpcft.worldplan import SavedRun, adapt, read_saved
