@@ -40,6 +40,7 @@ class TrainConfig:
     #   tokenizer's own
     data_cache_dir: str | None = None  # tokenized data shared by jobs; default <output_dir>/data-cache
     dataset_num_proc: int = 0  # processes that tokenize (once per job); 0: every CPU the tokenizing process has
+    #   (data under 64 MiB is tokenized by rank 0 itself in one process unless this asks for more)
     data_timeout_s: int = 7200  # how long ranks wait for the job's one tokenizing process (no collective timeout)
     context_length: int = 256  # tokens per example; longer examples are truncated (text: cut into pieces)
     model_type: str = "auto"  # causal (decoder-only) or seq2seq (BART-style); auto reads the model config

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from hpcft.datasource import describe
 from hpcft.errors import SpecError
-from hpcft.prepare import Prepared, lookup
+from hpcft.prepare import Prepared, lookup, prepare
 from hpcft.train.packing import ConcatRows, Examples, MaskedFiller, PackedRows, TokenStore
 
 
@@ -23,16 +24,26 @@ from hpcft.train.packing import ConcatRows, Examples, MaskedFiller, PackedRows, 
 # Tokenized once per job.
 
 
+# Data up to this size is tokenized by rank 0 itself in one process (unless dataset_num_proc asks for
+# workers); larger data by a child process with its own workers. Forking workers out of a rank that
+# holds CUDA and the process group's threads is unsafe; a clean child costs ~5 s of imports, which
+# only small data would notice.
+IN_PROCESS_BYTES = 64 << 20
+
+
 def prepare_once(cfg, rt, cache_root: Path) -> Prepared:
     """The job's tokenized data, tokenized by one process for the whole job: rank 0 looks it up in the
-    cache and on a miss runs `python -m hpcft.prepare` (a clean child process, which forks its own
-    tokenizing workers); the other ranks wait for rank 0's answer in a gloo group of their own whose
-    timeout is data_timeout_s, so a long tokenization never trips the collective timeout."""
+    cache and on a miss tokenizes small data itself (no workers) or runs `python -m hpcft.prepare` (a
+    clean child process, which forks its own tokenizing workers); the other ranks wait for rank 0's
+    answer in a gloo group of their own whose timeout is data_timeout_s, so a long tokenization never
+    trips the collective timeout."""
     answer: list = [None]
     if rt.is_main:
         try:
             answer[0] = lookup(cfg, cache_root)
-            if answer[0] is None:
+            if answer[0] is None and cfg.dataset_num_proc <= 1 and _data_bytes(cfg) <= IN_PROCESS_BYTES:
+                answer[0] = prepare(cfg, cache_root, num_proc=1, log=lambda line: print(line, flush=True))
+            elif answer[0] is None:
                 answer[0] = _prepare_in_child(cfg, cache_root)
         except SpecError as exc:
             answer[0] = exc
@@ -46,6 +57,16 @@ def prepare_once(cfg, rt, cache_root: Path) -> Prepared:
     if rt.is_main and not prepared.built:
         print(f"hpcft.train: tokenized data from the cache: {prepared.train.path.parent}", flush=True)
     return prepared
+
+
+def _data_bytes(cfg) -> float:
+    """Size of the data files (a custom loader reads what it likes: counted as large, so its code runs
+    in the child process rather than in the rank)."""
+    if cfg.dataset == "custom":
+        return float("inf")
+    paths = [("train.data_path", cfg.data_path)] + ([("train.eval_data_path", cfg.eval_data_path)]
+                                                    if cfg.eval_data_path else [])
+    return sum(f.stat().st_size for field, path in paths for f in describe(path, field).files)
 
 
 def _prepare_in_child(cfg, cache_root: Path) -> Prepared:

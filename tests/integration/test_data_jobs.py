@@ -45,7 +45,8 @@ def test_prepare_job_then_cache_hits_and_one_tokenization_per_job(cluster, tiny_
     assert prep_out.count(TOKENIZING) == 1 and "form chat" in prep_out
     # With the cache filled: the same data padded (a hit), and a changed context length (a miss).
     padded, _ = submit(tmp_path, chat_spec(tmp_path, tiny_model, "padded", gpus=1, batching_strategy="padding"))
-    changed, _ = submit(tmp_path, chat_spec(tmp_path, tiny_model, "changed", context_length=192))
+    # dataset_num_proc asks for workers: rank 0 hands tokenizing to a child process (large data does too)
+    changed, _ = submit(tmp_path, chat_spec(tmp_path, tiny_model, "changed", context_length=192, dataset_num_proc=2))
     for name, job in (("packed", packed), ("padded", padded), ("changed", changed)):
         info = wait_for(job, poll_s=2, timeout_s=600)
         assert info.state == "COMPLETED", (name, info, rank_logs(tmp_path, name, job)[-3000:])
@@ -54,6 +55,7 @@ def test_prepare_job_then_cache_hits_and_one_tokenization_per_job(cluster, tiny_
         assert TOKENIZING not in logs and "tokenized data from the cache" in logs, name
     logs = rank_logs(tmp_path, "changed", changed)
     assert logs.count(TOKENIZING) == 1 and "form chat" in logs  # rank 0's child, for all 4 ranks
+    assert "hpcft.prepare: ready" in logs  # the child's last line
     # isolated packing computes what padding computes: the same eval loss of the same starting model
     a, b = summary(tmp_path, "packed", packed), summary(tmp_path, "padded", padded)
     assert a["world_size"] == 4 and b["world_size"] == 2
