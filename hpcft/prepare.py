@@ -145,6 +145,7 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
     splits = source_splits(cfg, path, field, tok, staging)
     name = path if cfg.dataset != "custom" or field != "train.data_path" else cfg.custom_dataset
     meta: dict = {"source": name, "splits": {}}
+    max_procs = 1
     features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
     for split, ds in splits.items():
         form = detect_form(ds.column_names, "auto" if cfg.dataset == "custom" else cfg.dataset, field,
@@ -155,6 +156,7 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
             raise SpecError("train.dataset", f"{form} data trains decoder-only models; this model is seq2seq "
                                              "(use a prompt/target form, or a causal model)")
         procs = max(1, min(num_proc, len(ds) // MIN_ROWS_PER_PROC))
+        max_procs = max(max_procs, procs)
         log(f"hpcft.prepare: tokenizing {name} [{split}]: {len(ds):,} rows, form {form}, "
             f"{procs} process{'es' if procs > 1 else ''}")
         out = ds.map(encode_batch, batched=True, with_indices=True, batch_size=256, num_proc=procs,
@@ -172,17 +174,19 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
         meta["form"] = meta.get("form", form)
     shutil.rmtree(staging / ".hf", ignore_errors=True)
     meta["seconds"] = round(time.perf_counter() - t0, 2)
-    meta["peak_rss_mib"] = peak_rss_mib()
+    meta["peak_rss_mib"] = peak_rss_mib(workers=max_procs > 1)
     return meta
 
 
-def peak_rss_mib() -> dict:
-    """Peak resident memory of this process and of its largest finished worker: what a prepare job's
-    prepare.mem must hold."""
+def peak_rss_mib(*, workers: bool) -> dict:
+    """Peak resident memory of this process and, when it forked workers, of the largest one: what a
+    prepare job's prepare.mem must hold (the process plus num_proc workers)."""
     import resource
 
-    return {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-            "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024}
+    out = {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    if workers:
+        out["largest_worker"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    return out
 
 
 def _total_tokens(ds) -> int:
@@ -253,9 +257,10 @@ def prepare(cfg, root: Path, *, num_proc: int = 0, log: Callable[[str], None] = 
         meta = read_meta(entry)
         if here:
             rss = meta["peak_rss_mib"]
+            workers = f", largest worker {rss['largest_worker']:,} MiB" if "largest_worker" in rss else ""
             log(f"hpcft.prepare: tokenized {meta['source']} in {meta['seconds']:.1f} s -> {entry} ("
                 + ", ".join(f"{s}: {v['examples']:,} examples, {v['tokens']:,} tokens" for s, v in meta["splits"].items())
-                + f"; peak memory {rss['process']:,} MiB, largest worker {rss['largest_worker']:,} MiB)")
+                + f"; peak memory {rss['process']:,} MiB{workers})")
         else:
             log(f"hpcft.prepare: cache hit for {meta['source']}: {entry}")
         entries.append((field, entry))
