@@ -14,7 +14,7 @@ from hpcft.prepare import prepare
 from hpcft.train.config import TrainConfig
 from hpcft.train.data import load_splits, make_eval_loader
 from hpcft.train.loop import to_device
-from hpcft.train.packing import ConcatRows, Examples, PackedRows, next_fit_bounds, packed_collate
+from hpcft.train.packing import ConcatRows, Examples, PackedRows, fill_rows, packed_collate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,15 +88,28 @@ def test_eval_loss_packed_equals_padded(chat):
     assert losses["packing"] == pytest.approx(losses["padding"], rel=1e-5)
 
 
-def test_next_fit_keeps_order_whole_examples_and_fills_rows():
+def test_rows_hold_whole_examples_once_and_are_nearly_full():
     rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 100, size=5000).astype(np.int32)
-    bounds = next_fit_bounds(lengths, 256)
+    lengths = np.minimum(rng.geometric(1 / 130, size=20000) + 30, 512).astype(np.int32)  # a long tail
+    order, bounds = fill_rows(lengths, 512)
+    assert sorted(order.tolist()) == list(range(len(lengths)))  # every example exactly once
     assert bounds[0] == 0 and bounds[-1] == len(lengths) and (np.diff(bounds) > 0).all()
-    sums = np.add.reduceat(lengths, bounds[:-1])
-    assert (sums <= 256).all()
-    assert (sums[:-1] + lengths[bounds[1:-1]] > 256).all()  # the next example would not have fitted
-    assert (next_fit_bounds(np.array([300, 5, 5]), 256) == [0, 1, 3]).all()  # too long: a row of its own
+    sums = np.add.reduceat(lengths[order], bounds[:-1])
+    assert (sums <= 512).all()
+    in_order = np.add.reduceat(lengths, _in_order_bounds(lengths, 512)[:-1])  # packing in order, for scale
+    assert len(sums) < 0.95 * len(in_order) and sums.mean() / 512 > 0.88
+    order, bounds = fill_rows(np.array([300, 5, 5, 600]), 256)  # too long: a row of its own
+    assert order.tolist() == [3, 0, 1, 2] and bounds.tolist() == [0, 1, 2, 4]
+
+
+def _in_order_bounds(lengths, ctx):
+    bounds, total = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if total + n > ctx:
+            bounds.append(i)
+            total = 0
+        total += n
+    return np.array(bounds + [len(lengths)])
 
 
 def test_concat_rows_are_the_token_stream_cut_into_context_lengths(chat):
