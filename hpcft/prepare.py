@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,6 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
     splits = source_splits(cfg, path, field, tok, staging)
     name = path if cfg.dataset != "custom" or field != "train.data_path" else cfg.custom_dataset
     meta: dict = {"source": name, "splits": {}}
-    max_procs = 1
     features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
     for split, ds in splits.items():
         form = detect_form(ds.column_names, "auto" if cfg.dataset == "custom" else cfg.dataset, field,
@@ -156,7 +156,6 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
             raise SpecError("train.dataset", f"{form} data trains decoder-only models; this model is seq2seq "
                                              "(use a prompt/target form, or a causal model)")
         procs = max(1, min(num_proc, len(ds) // MIN_ROWS_PER_PROC))
-        max_procs = max(max_procs, procs)
         log(f"hpcft.prepare: tokenizing {name} [{split}]: {len(ds):,} rows, form {form}, "
             f"{procs} process{'es' if procs > 1 else ''}")
         out = ds.map(encode_batch, batched=True, with_indices=True, batch_size=256, num_proc=procs,
@@ -174,18 +173,61 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
         meta["form"] = meta.get("form", form)
     shutil.rmtree(staging / ".hf", ignore_errors=True)
     meta["seconds"] = round(time.perf_counter() - t0, 2)
-    meta["peak_rss_mib"] = peak_rss_mib(workers=max_procs > 1)
     return meta
 
 
-def peak_rss_mib(*, workers: bool) -> dict:
-    """Peak resident memory of this process and, when it forked workers, of the largest one: what a
-    prepare job's prepare.mem must hold (the process plus num_proc workers)."""
-    import resource
+class PrivateMemoryPeak:
+    """Peak private (anonymous) memory of this process and of each worker it forks, sampled twice a
+    second while tokenizing: what a prepare job's prepare.mem must hold. Pages of the memory-mapped
+    Arrow files are left out (the kernel drops them under pressure; VmHWM would count them)."""
 
-    out = {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
-    if workers:
-        out["largest_worker"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.process, self.workers = interval, 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hpcft-memory", daemon=True)
+
+    def __enter__(self) -> "PrivateMemoryPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        self.process = max(self.process, _private_mib(os.getpid()))
+        for pid in _children(os.getpid()):
+            self.workers[pid] = max(self.workers.get(pid, 0), _private_mib(pid))
+
+    def report(self) -> dict:
+        out = {"process": self.process}
+        if self.workers:
+            out |= {"workers": len(self.workers), "largest_worker": max(self.workers.values())}
+        return out
+
+
+def _private_mib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
     return out
 
 
@@ -249,18 +291,21 @@ def prepare(cfg, root: Path, *, num_proc: int = 0, log: Callable[[str], None] = 
     entries, built = [], False
     for field, path, key in _keys(cfg, cache, seq2seq):
         def build(staging: Path, field=field, path=path, key=key) -> dict:
-            return tokenize_source(cfg, path, field, seq2seq=seq2seq, num_proc=num_proc, staging=staging,
-                                   digest=key.digest, log=log)
+            with PrivateMemoryPeak() as memory:
+                meta = tokenize_source(cfg, path, field, seq2seq=seq2seq, num_proc=num_proc, staging=staging,
+                                       digest=key.digest, log=log)
+            return {**meta, "private_memory_mib": memory.report()}
 
         entry, here = ensure_entry(cache, key, build, log=log, rebuild=rebuild,
                                    timeout_s=timeout_s if timeout_s is not None else cfg.data_timeout_s)
         meta = read_meta(entry)
         if here:
-            rss = meta["peak_rss_mib"]
-            workers = f", largest worker {rss['largest_worker']:,} MiB" if "largest_worker" in rss else ""
+            mem = meta["private_memory_mib"]
+            workers = (f", {mem['workers']} child process(es) up to {mem['largest_worker']:,} MiB each"
+                       if "largest_worker" in mem else "")
             log(f"hpcft.prepare: tokenized {meta['source']} in {meta['seconds']:.1f} s -> {entry} ("
                 + ", ".join(f"{s}: {v['examples']:,} examples, {v['tokens']:,} tokens" for s, v in meta["splits"].items())
-                + f"; peak memory {rss['process']:,} MiB{workers})")
+                + f"; peak private memory {mem['process']:,} MiB{workers})")
         else:
             log(f"hpcft.prepare: cache hit for {meta['source']}: {entry}")
         entries.append((field, entry))
