@@ -102,7 +102,7 @@ def data_rows(v: dict) -> list[tuple[str, str, str, str]]:
         ("9 data, new path: per-rank RSS attributable to data (1M job's peak minus a 1,000-example job's)",
          f"{worst:.0f} MiB (warm), {worst_cold:.0f} MiB (cold)", "<= 300 MiB", verdict(max(worst, worst_cold) <= 300)),
         ("9 data, cache-hit start: 1M examples vs 1,000",
-         f"+{v['cache_hit_start_gap_s']:.1f} s ({warm['to_first_step_s']:.1f} s vs "
+         f"{v['cache_hit_start_gap_s']:+.1f} s ({warm['to_first_step_s']:.1f} s vs "
          f"{v['small_warm']['to_first_step_s']:.1f} s)", "within 10 s", verdict(v["cache_hit_start_gap_s"] <= 10)),
     ]
 
