@@ -3,6 +3,7 @@ handler takes the parsed arguments and the words after `--`, and returns the exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -46,11 +47,20 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
         else:
             sys.stdout.write(render_sbatch(spec, source=source))
         return 0
+    from hpcft.submit import parse_after
+
+    after = parse_after(args.after)
     try:
-        sub = do_submit(spec, source=source, check=not args.no_check, prepare=prepare)
+        sub = do_submit(spec, source=source, check=not args.no_check, prepare=prepare, after=after)
     except SubmitError as exc:
         err.print(f"hpcft: error: {exc}")
         return 2
+    if args.parsable:
+        print(sub.job_id, flush=True)
+        if not wait:
+            return 0
+        info = jobs.wait_for(sub.job_id)
+        return 0 if info is not None and info.state == "COMPLETED" else 1
     table = Table(show_header=False, box=None)
     if sub.prepare_job_id:
         table.add_row("prepare", f"[bold]{sub.prepare_job_id}[/] (tokenizes the data into "
@@ -58,6 +68,8 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
                                  "after it succeeded)")
     table.add_row("job", f"[bold]{sub.job_id}[/] ({spec.name}, {sub.backend}, {spec.resources.nodes} node(s) x "
                          f"{spec.resources.gpus_per_node} GPU(s))")
+    if sub.dependencies:
+        table.add_row("waits for", ", ".join(sub.dependencies))
     table.add_row("run dir", str(sub.run_dir))
     table.add_row("rank logs", str(sub.run_dir / "rank-NNN.log"))
     table.add_row("metrics", str(RunPaths(sub.run_dir).metrics))
@@ -69,13 +81,104 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
         return 0
     info = jobs.wait_for(sub.job_id)
     state = info.state if info else "UNKNOWN"
-    console.print(f"job {sub.job_id}: {state}")
+    print_closing_summary(sub.run_dir, state)
     if state != "COMPLETED":
-        show_logs(str(sub.run_dir), spec.output_dir, failure_only=True)
+        if sub.run_dir.is_dir():
+            show_logs(str(sub.run_dir), spec.output_dir, failure_only=True)
         return 1
-    summary = RunPaths(sub.run_dir).summary
-    if summary.exists():
-        console.print(summary.read_text())
+    return 0
+
+
+def sweep(args: argparse.Namespace, _command: list[str]) -> int:
+    """Check every point of the grid, then queue one job array (or print its script)."""
+    from hpcft.render import ArrayPlan, render_sbatch
+    from hpcft.spec import read_spec_file, resolve_paths
+    from hpcft.submit import SubmitError, check_before_queue, parse_after, submit_sweep
+    from hpcft.sweep import grid, split_axes
+
+    fixed, axes = split_axes(args.overrides)
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise SpecError("--max-parallel", f"must be >= 1 (got {args.max_parallel})")
+    data = read_spec_file(Path(args.spec)) if Path(args.spec).is_file() else None
+    if data is None:
+        raise SpecError("spec", f"no such file {args.spec!r}; pass a YAML file such as jobs/samsum_tiny.yaml")
+    points = [dataclasses.replace(p, spec=resolve_paths(p.spec, Path.cwd())) for p in grid(data, fixed, axes)]
+    if args.dry_run:
+        if not args.no_check:
+            for p in points:
+                check_before_queue(p.spec)
+        plan = ArrayPlan(tuple((p.label, tuple(p.train_args)) for p in points), args.max_parallel)
+        sys.stdout.write(render_sbatch(points[0].spec, source=args.spec, array=plan))
+        return 0
+    try:
+        job_id, manifest = submit_sweep(points, source=args.spec, max_parallel=args.max_parallel,
+                                        check=not args.no_check, after=parse_after(args.after))
+    except SubmitError as exc:
+        err.print(f"hpcft: error: {exc}")
+        return 2
+    if args.parsable:
+        print(job_id)
+        return 0
+    spec = points[0].spec
+    table = Table(show_header=False, box=None)
+    table.add_row("sweep", f"[bold]{job_id}[/] ({spec.name}: {len(points)} tasks"
+                           f"{f', at most {args.max_parallel} at a time' if args.max_parallel else ''}; "
+                           f"{', '.join(f'{a.key} in {list(a.values)}' for a in axes)})")
+    table.add_row("run dirs", f"{spec.output_dir}/{spec.name}/{job_id}_<task>-<overrides>")
+    table.add_row("manifest", str(manifest))
+    table.add_row("follow", f"hpcft status {job_id}   hpcft sweep-report {job_id}   hpcft cancel {job_id}")
+    console.print(table)
+    return 0
+
+
+def sweep_report(args: argparse.Namespace, _command: list[str]) -> int:
+    """The sweep's tasks in one table (states from Slurm), and a PNG of their eval losses."""
+    import json
+
+    from hpcft.paths import find_sweep_manifest, sweep_plot
+    from hpcft.sweep import report_plot, report_rows, report_table
+
+    path = find_sweep_manifest(args.job, args.output_dir)
+    if path is None:
+        raise SpecError("job", f"no sweep {args.job} under {args.output_dir}/*/ ({args.job}.sweep.json); pass "
+                               "the array job id hpcft sweep printed, and --output-dir")
+    man = json.loads(path.read_text())
+    states = {}
+    for p in man["points"]:
+        info = jobs.job_info(f"{man['job']}_{p['task']}")
+        states[p["task"]] = info.state if info else "UNKNOWN"
+    rows = report_rows(man, args.output_dir, path.parent.name, states)
+    console.print(report_table(rows, man["job"]))
+    plot = report_plot(rows, sweep_plot(args.output_dir, path.parent.name, man["job"]), man["job"])
+    console.print(f"eval loss by point: {plot}" if plot else "no task has finished: no plot yet")
+    return 0
+
+
+def print_closing_summary(run_dir: Path, state: str) -> None:
+    """One row of the runs table for the job that just ended, and where its outputs are."""
+    from hpcft.runtable import run_row, runs_table, where_table
+
+    row = run_row(run_dir, state)
+    console.print(runs_table([row], title=f"job {row.job}"))
+    console.print(where_table(row))
+
+
+def runs(args: argparse.Namespace, _command: list[str]) -> int:
+    """Past and current runs under the output directory, one row each (state from squeue while a job is
+    queued or running, else from what its ranks wrote)."""
+    from hpcft.runtable import find_runs, run_row, runs_table
+
+    found = find_runs(args.output_dir, args.name)
+    if not found:
+        where = f"{args.output_dir}/{args.name}" if args.name else args.output_dir
+        console.print(f"no runs under {where} (hpcft runs [NAME] --output-dir DIR)")
+        return 0 if not args.name else 1
+    try:
+        live = {j.job_id: j.state for j in jobs.queue([d.name for d in found])}
+    except jobs.SlurmUnavailable:
+        live = {}
+    console.print(runs_table([run_row(d, live.get(d.name)) for d in found],
+                             title=f"hpcft runs in {args.output_dir}" + (f" ({args.name})" if args.name else "")))
     return 0
 
 
@@ -159,6 +262,11 @@ def show_logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
             console.print(f"[dim]== rank logs {run_dir}[/]")
         for line in rank_by_rank_lines(paths):
             print(line)
+    from hpcft.logs import network_warning
+
+    warning = network_warning(paths, paths.job_output(output_dir))
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {warning}")
     failure = first_failure(paths)
     if failure is None:
         console.print(f"[green]no failed rank in {run_dir}[/]")

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,15 +11,17 @@ from hpcft.paths import RunPaths
 
 
 def main(run_dir: str) -> int:
+    from rich.console import Console
+
+    from hpcft.runtable import run_row, runs_table, where_table
+
     paths = RunPaths(Path(run_dir))
-    summary = json.loads(paths.summary.read_text())
-    logs = [p for _, p in paths.rank_logs()]
-    print(f"run directory   {paths.run_dir}")
-    print(f"rank logs       {len(logs)} files: {logs[0].name} .. {logs[-1].name}   (hpcft logs {paths.run_dir.name})")
-    print(f"metrics         {paths.metrics} ({sum(1 for _ in paths.metrics.open())} lines)")
-    print(f"model           {paths.model} (loads with AutoModelForCausalLM.from_pretrained)")
-    print(f"world size      {summary['world_size']} ranks, {summary['steps']} steps, {summary['tokens_per_s']:,.0f} tokens/s")
-    print(f"eval loss       {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")
+    row = run_row(paths.run_dir)
+    console = Console(highlight=False, width=160)
+    console.print(runs_table([row], title=f"the demo job, {row.job}"))
+    console.print(where_table(row))
+    if row.plot:
+        console.print(f"the loss and throughput plot: {row.plot}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,7 +32,7 @@ def main(run_dir: str) -> int:
     dialogue = "Maya: Are we still on for lunch tomorrow?\nBen: Yes! 12:15 at the park?\nMaya: Perfect, see you there."
     ids = tok(SAMSUM_PROMPT.format(dialogue=dialogue), return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"sample summary  {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()!r}")
+    console.print(f"a summary by the trained model: {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()!r}")
     return 0
 
 

@@ -70,6 +70,11 @@ HPCFT_TABLE: dict[str, str] = {
                     "every optimizer step, a straggler the step statistics must name",
 }
 
+# Accelerate's variable for "this is a CPU run", which HF Trainer reads too; the node launcher sets it on
+# nodes without CUDA (user scripts), and `accelerate launch` always sets ACCELERATE_MIXED_PRECISION.
+ACCELERATE_CPU_VAR = "ACCELERATE_USE_CPU"
+ACCELERATE_LAUNCH_VAR = "ACCELERATE_MIXED_PRECISION"
+
 # PyTorch's NCCL flight recorder (a ring buffer of the last collectives per rank), read by ProcessGroupNCCL
 # when the process group is created; CUDA only, harmless elsewhere. Each rank's dump goes to PREFIX<rank>.
 NCCL_FLIGHT_RECORDER_TABLE: dict[str, str] = {
@@ -235,7 +240,7 @@ def collect_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             local_rank=_int(t["local_rank"], 0), local_world_size=_int(t["local_world_size"], 1),
             node_rank=_int(t["group_rank"], 0), master_addr=t["master_addr"] or "127.0.0.1",
             master_port=_int(t["master_port"], 29500),
-            launcher="accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun",
+            launcher="accelerate" if ACCELERATE_LAUNCH_VAR in env else "torchrun",
         )
     s = collect_slurm_env(env)
     if s.in_step and s.ntasks > 1:

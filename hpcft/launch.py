@@ -12,9 +12,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from hpcft.distenv import (RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env, flight_recorder_env,
-                           plan_rendezvous)
+import dataclasses
+
+from hpcft.distenv import (ACCELERATE_CPU_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env,
+                           flight_recorder_env, plan_rendezvous)
 from hpcft.errors import SpecError
+from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
+                           port_free, publish_port, resolve_head)
 from hpcft.paths import RunPaths
 from hpcft.stopsignal import ignore_stop_signals
 
@@ -45,6 +49,9 @@ def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda
     env.setdefault("PYTHONUNBUFFERED", "1")
     if not cuda:
         env.setdefault("OMP_NUM_THREADS", str(rank_threads(slurm, rdzv.nproc_per_node)))
+        # Accelerate (and HF Trainer through it) forms a CPU world only when told it is on CPU; otherwise
+        # each rank of a user's script runs alone ("Distributed environment: NO") and still "succeeds".
+        env.setdefault(ACCELERATE_CPU_VAR, "true")
     elif env.get(RUN_DIR_VAR):  # NCCL's flight recorder, its dumps in the run directory (see hpcft/train/watchdog.py)
         env = {**flight_recorder_env(RunPaths(Path(env[RUN_DIR_VAR])).nccl_trace_prefix), **env}
     return env
@@ -66,6 +73,40 @@ def node_gpus() -> tuple[bool, int]:
     return cuda, torch.cuda.device_count() if cuda else 0
 
 
+def plan_network(rdzv: Rendezvous, slurm: SlurmEnv, env: Mapping[str, str], *, fixed_port: bool) -> tuple[
+        Rendezvous, dict[str, str], str]:
+    """Before rendezvous: the head node resolves here (NetworkError naming both if not); the interface
+    that reaches it, for gloo and NCCL unless the user set one; the port: the head node's launcher keeps
+    the job id's port when it is free and otherwise takes the next free one (two jobs sharing a node),
+    and publishes it in the run directory, where the other nodes read it. Returns the rendezvous, the
+    variables to export and a line for the log."""
+    head = resolve_head(rdzv.host)
+    iface = interface_for(head)
+    extra = {var: iface for var in SOCKET_IFNAME_VARS if iface and not env.get(var)}
+    chosen = ", ".join(f"{v}={env[v]}" for v in SOCKET_IFNAME_VARS if env.get(v)) or \
+        (f"{iface} for gloo and NCCL" if iface else "no interface holds the route's source address: left to gloo/NCCL")
+    port_note = ""
+    run_dir = env.get(RUN_DIR_VAR)
+    if run_dir:
+        published = RunPaths(Path(run_dir)).rendezvous_port(f"{slurm.job_id}-{slurm.restart_count}-{slurm.step_id}")
+        if rdzv.node_rank == 0:
+            if fixed_port and not port_free(rdzv.port):
+                raise NetworkError(f"launch.rdzv_port {rdzv.port} is taken on the head node {rdzv.host}; leave "
+                                   "rdzv_port unset (a free port is then picked) or choose another")
+            port = pick_port(rdzv.port)
+            if port != rdzv.port:
+                port_note = f" (the job id's port {rdzv.port} is taken on {rdzv.host})"
+            publish_port(published, rdzv.host, port)
+        else:
+            port = await_port(published)
+        rdzv = dataclasses.replace(rdzv, port=port)
+    ib = infiniband_devices()
+    line = (f"hpcft.launch: network on {os.uname().nodename}: head node {rdzv.host} is {head}, reached through "
+            f"{chosen}; rendezvous port "
+            f"{rdzv.port}{port_note}" + (f"; InfiniBand devices here: {', '.join(ib)}" if ib else ""))
+    return rdzv, extra, line
+
+
 def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
     """Replace this process with torchrun for this node (never returns)."""
     base = dict(os.environ if env is None else env)
@@ -73,7 +114,13 @@ def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
     port = int(base[RDZV_PORT_VAR]) if base.get(RDZV_PORT_VAR) else None
     cuda, devices = node_gpus()
     rdzv = plan_rendezvous(slurm, cuda_devices=devices, port=port)
-    child_env = node_env(slurm, rdzv, base, cuda=cuda)
+    try:
+        rdzv, net_env, net_line = plan_network(rdzv, slurm, base, fixed_port=port is not None)
+    except NetworkError as exc:
+        print(f"hpcft.launch: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    child_env = {**node_env(slurm, rdzv, base, cuda=cuda), **net_env}
+    print(net_line, flush=True)
     print(f"hpcft.launch: node {rdzv.node_rank}/{rdzv.nnodes} ({os.uname().nodename}) starts "
           f"{rdzv.nproc_per_node} {'GPU' if cuda else 'CPU'} ranks, rendezvous {rdzv.endpoint}", flush=True)
     argv = torchrun_argv(rdzv, command)

@@ -6,6 +6,7 @@ Streams each file in fixed-size blocks, so memory does not grow with the size of
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -158,3 +159,26 @@ def rank_by_rank_lines(paths: RunPaths) -> Iterator[str]:
         with log.open(errors="replace") as f:
             for line in f:
                 yield f"[rank {rank:03d}] {line.rstrip(chr(10))}"
+
+
+NCCL_HEAD_BYTES = 256 << 10  # NCCL reports its transport at init: the head of each rank log holds it
+LAUNCH_IB = re.compile(r"hpcft\.launch: network on (\S+):.*InfiniBand devices here: (.+)$")
+
+
+def network_warning(paths: RunPaths, job_output: Path | None = None) -> str | None:
+    """A warning when NCCL ran over TCP sockets where InfiniBand exists: from NCCL's INFO lines at the
+    head of the rank logs and the launchers' "InfiniBand devices here" lines in the job output."""
+    from hpcft.network import nccl_transport, socket_over_ib_warning
+
+    lines: list[str] = []
+    for _, log in paths.rank_logs():
+        with log.open("rb") as f:
+            lines += f.read(NCCL_HEAD_BYTES).decode("utf-8", "replace").splitlines()
+    node_ib: dict[str, list[str]] = {}
+    if job_output is not None and job_output.exists():
+        with job_output.open("rb") as f:
+            for line in f.read(NCCL_HEAD_BYTES).decode("utf-8", "replace").splitlines():
+                m = LAUNCH_IB.search(line)
+                if m:
+                    node_ib[m.group(1)] = [d.strip() for d in m.group(2).split(",")]
+    return socket_over_ib_warning(nccl_transport(lines), node_ib)

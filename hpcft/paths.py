@@ -31,9 +31,10 @@ def job_dir(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / name
 
 
-def slurm_output_pattern(output_dir: str) -> str:
-    """Slurm's --output pattern for the batch script's own stdout/stderr (%j: job id)."""
-    return f"{output_dir.rstrip('/') or '/'}/slurm-%j.out"
+def slurm_output_pattern(output_dir: str, *, array: bool = False) -> str:
+    """Slurm's --output pattern for the batch script's own stdout/stderr (%j: job id; an array task's
+    %A_%a: array id and task)."""
+    return f"{output_dir.rstrip('/') or '/'}/slurm-{'%A_%a' if array else '%j'}.out"
 
 
 def slurm_output(output_dir: str | Path, job_id: str) -> Path:
@@ -167,6 +168,11 @@ class RunPaths:
         """Test-only (SAMPLE_LOG_VAR): the example ids each optimizer step of this rank trained on."""
         return self.run_dir / "sample-ids" / f"{rank_tag(rank)}.jsonl"
 
+    def rendezvous_port(self, key: str) -> Path:
+        """Where the head node's launcher publishes the rendezvous port of one launch (key: job id,
+        restart count and step id, so a requeue or a second `hpcft launch` never reads an old one)."""
+        return self.run_dir / ".rendezvous" / f"{key}.json"
+
     def preflight_probe(self, rank: int) -> Path:
         """The file each rank writes to show the run directory is shared and writable."""
         return self.run_dir / ".preflight" / rank_tag(rank)
@@ -182,6 +188,11 @@ class RunPaths:
     @property
     def summary(self) -> Path:
         return self.run_dir / "summary.json"
+
+    @property
+    def spec(self) -> Path:
+        """The job spec as hpcft submit resolved it (JSON), written into the run directory at submission."""
+        return self.run_dir / "spec.json"
 
     @property
     def train_config(self) -> Path:
@@ -238,9 +249,14 @@ class RunPaths:
     def submitit_log(self, task: int = 0) -> Path:
         return self.submitit / f"{self.run_dir.name}_{task}_log.out"
 
+    @property
+    def job_id(self) -> str:
+        """The Slurm job id the directory is named by (a sweep task's: <array-id>_<task>, before its label)."""
+        return self.run_dir.name.split("-", 1)[0]
+
     def job_output(self, output_dir: str | Path) -> Path:
         """The job's own output: sbatch's slurm-<id>.out, or submitit's first task log."""
-        sbatch = slurm_output(output_dir, self.run_dir.name)
+        sbatch = slurm_output(output_dir, self.job_id)
         return sbatch if sbatch.exists() or not self.submitit_log().exists() else self.submitit_log()
 
     def rank_logs(self) -> list[tuple[int, Path]]:
@@ -254,13 +270,39 @@ class RunPaths:
 
 
 def find_run_dir(ref: str, output_dir: str | Path = "runs") -> Path | None:
-    """A run directory given itself or a job id (searched as <output_dir>/*/<job-id>)."""
+    """A run directory given itself or a job id (searched as <output_dir>/*/<job-id>, and a sweep task's
+    <output_dir>/*/<array-id>_<task>-<label>)."""
     p = Path(ref)
     if p.is_dir():
         return p
     if ref.isdigit() or "_" in ref:
-        hits = sorted(Path(output_dir).glob(f"*/{ref}"))
+        hits = sorted(Path(output_dir).glob(f"*/{ref}")) + sorted(Path(output_dir).glob(f"*/{ref}-*"))
         hits = [h for h in hits if h.is_dir()]
         if hits:
             return hits[0]
     return None
+
+
+def sweep_task_dir(output_dir: str | Path, name: str, array_id: str, task: int, label: str) -> Path:
+    """A sweep task's run directory: <output_dir>/<name>/<array-id>_<task>-<label> (the label names its
+    overrides, e.g. lr=1e-4,lora_r=8)."""
+    return job_dir(output_dir, name) / f"{array_id}_{task}-{label}"
+
+
+def sweep_task_dir_pattern(output_dir: str, name: str, label_var: str) -> str:
+    """The same, as the batch script writes it from Slurm's variables (label_var holds the label)."""
+    return f"{job_dir(output_dir, name)}/" + '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}-${' + label_var + '}"'
+
+
+def sweep_manifest(output_dir: str | Path, name: str, array_id: str) -> Path:
+    """What a sweep submitted: its points, their overrides and labels (hpcft sweep-report reads it)."""
+    return job_dir(output_dir, name) / f"{array_id}.sweep.json"
+
+
+def sweep_plot(output_dir: str | Path, name: str, array_id: str) -> Path:
+    return job_dir(output_dir, name) / f"{array_id}.sweep.png"
+
+
+def find_sweep_manifest(job: str, output_dir: str | Path = "runs") -> Path | None:
+    hits = sorted(Path(output_dir).glob(f"*/{job}.sweep.json"))
+    return hits[0] if hits else None

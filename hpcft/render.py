@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hpcft.launch import SRUN_FLAGS
 from hpcft.distenv import PYTHON_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
 from hpcft.paths import REQUEUE_MARKER, data_cache_dir, job_dir, slurm_output_pattern
-from hpcft.spec import JobSpec
+from hpcft.spec import Container, JobSpec
 
 PYTHON = f'"${{{PYTHON_VAR}:-python3}}"'  # hpcft submit sets it to its own interpreter
 TRAIN_MODULE = ("-m", "hpcft.train")
@@ -54,10 +54,21 @@ def gpu_request(spec: JobSpec) -> GpuRequest | None:
     return GpuRequest(r.gpus_per_node, r.gpu_type, r.gres)
 
 
-def sbatch_options(spec: JobSpec) -> list[str]:
+@dataclass(frozen=True)
+class ArrayPlan:
+    """A sweep as one job array: task i trains with tasks[i]'s flags in a run directory named by its label."""
+
+    tasks: tuple[tuple[str, tuple[str, ...]], ...]  # (label, python -m hpcft.train flags), by task index
+    max_parallel: int | None = None  # Slurm's %K: at most K tasks at a time
+
+
+def sbatch_options(spec: JobSpec, array: ArrayPlan | None = None) -> list[str]:
     """The #SBATCH options, in a fixed order."""
     r = spec.resources
     opts = [f"--job-name={spec.name}", f"--nodes={r.nodes}"]
+    if array is not None:
+        throttle = f"%{array.max_parallel}" if array.max_parallel else ""
+        opts.append(f"--array=0-{len(array.tasks) - 1}{throttle}")
     if not r.nodes.elastic:
         # With a node range Slurm 22.05 reads --ntasks-per-node as "min nodes x 1 task" and grants only
         # the minimum even when more nodes are idle; without it, one task per node is the default anyway.
@@ -69,7 +80,7 @@ def sbatch_options(spec: JobSpec) -> list[str]:
     if r.mem is not None:
         opts.append(f"--mem={r.mem}")
     opts.append(f"--time={r.time}")
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint", "exclude", "nodelist", "reservation"):
         value = getattr(r, key)
         if value is not None:
             opts.append(f"--{key}={value}")
@@ -80,7 +91,7 @@ def sbatch_options(spec: JobSpec) -> list[str]:
         opts.append(f"--signal=USR1@{spec.launch.signal_lead_s}")
     if spec.launch.requeue:
         opts += ["--requeue", "--open-mode=append"]
-    opts.append(f"--output={_sbatch_value(slurm_output_pattern(spec.output_dir))}")
+    opts.append(f"--output={_sbatch_value(slurm_output_pattern(spec.output_dir, array=array is not None))}")
     return opts
 
 
@@ -91,7 +102,7 @@ def entry_command(spec: JobSpec) -> list[str]:
     return [*TRAIN_MODULE, *spec.train.to_args()]
 
 
-def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
+def render_sbatch(spec: JobSpec, *, source: str = "a job spec", array: ArrayPlan | None = None) -> str:
     lines = [
         "#!/bin/bash",
         f"# hpcft job '{spec.name}', rendered from {source}.",
@@ -100,14 +111,19 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         "# such as --nodes=4 --gpus-per-node=8 on the command line are all a resize needs.",
         "# Usage: sbatch [--nodes=N --gpus-per-node=G ...] THIS_SCRIPT [extra flags for each rank's command]",
     ]
-    lines += [f"#SBATCH {opt}" for opt in sbatch_options(spec)]
+    lines += [f"#SBATCH {opt}" for opt in sbatch_options(spec, array)]
     lines += ["", "set -eo pipefail"]
+    lines += module_lines(spec)
     if spec.launch.setup:
         lines += ["", "# launch.setup from the spec (before set -u: module and activate scripts read unset variables)"]
         lines += list(spec.launch.setup)
     lines += ["set -u", ""]
     run_dir = _quote_value(str(job_dir(spec.output_dir, spec.name)))
-    lines.append(f'export {RUN_DIR_VAR}={run_dir}/"$SLURM_JOB_ID"')
+    if array is None:
+        lines.append(f'export {RUN_DIR_VAR}={run_dir}/"$SLURM_JOB_ID"')
+    else:
+        lines += sweep_lines(array)
+        lines.append(f'export {RUN_DIR_VAR}={run_dir}/"${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}-$label"')
     if spec.launch.rdzv_port is not None:
         lines.append(f"export {RDZV_PORT_VAR}={spec.launch.rdzv_port}")
     for name in sorted(spec.env):
@@ -119,7 +135,17 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         "# One launcher per node; it starts torchrun with one rank per GPU (per granted GPU on CPU nodes).",
     ]
     srun = ["srun", *SRUN_FLAGS, '--nodes="$SLURM_JOB_NUM_NODES"', '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"']
-    cmd = [PYTHON, "-m", "hpcft.launch", "--node", "--", *(shlex.quote(a) for a in entry_command(spec)), '"$@"']
+    entry = [*TRAIN_MODULE, '"${args[@]}"'] if array is not None else [shlex.quote(a) for a in entry_command(spec)]
+    launcher = ["-m", "hpcft.launch", "--node", "--", *entry, '"$@"']
+    container = spec.launch.container
+    if container is None:
+        cmd = [PYTHON, *launcher]
+    elif container.runtime == "pyxis":
+        srun += pyxis_flags(container, container_mounts(spec))
+        cmd = [shlex.quote(container.python), *launcher]
+    else:
+        cmd = [*apptainer_prefix(container, container_mounts(spec), gpus=spec.resources.gpus_per_node > 0),
+               shlex.quote(container.python), *launcher]
     lines.append("rc=0")
     lines.append(_wrap([*srun, *cmd, "||", "rc=$?"]))
     if spec.launch.requeue:
@@ -134,6 +160,63 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
         ]
     lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"
+
+
+# Where `module` comes from when the batch shell (not a login shell) has not defined it.
+MODULE_INIT = ("/etc/profile.d/lmod.sh", "/etc/profile.d/modules.sh", "/usr/share/lmod/lmod/init/bash",
+               "/usr/share/modules/init/bash")
+
+
+def module_lines(spec: JobSpec) -> list[str]:
+    """launch.modules: `module load` before anything else runs (after `module purge` if asked); the
+    module command is set up first where the batch shell lacks it."""
+    ln = spec.launch
+    if not ln.modules and not ln.module_purge:
+        return []
+    lines = ["", "# launch.modules from the spec",
+             "if ! type module >/dev/null 2>&1; then",
+             f"  for f in {' '.join(MODULE_INIT)}; do",
+             '    if [ -f "$f" ]; then . "$f"; break; fi',
+             "  done",
+             "fi"]
+    if ln.module_purge:
+        lines.append("module purge")
+    if ln.modules:
+        lines.append(" ".join(["module", "load", *(shlex.quote(m) for m in ln.modules)]))
+    return lines
+
+
+def container_mounts(spec: JobSpec) -> list[str]:
+    """The spec's mounts, plus the output directory at its own path when no mount covers it: the ranks
+    write the run directory and the data cache there, and the host reads them back."""
+    c, out = spec.launch.container, spec.output_dir
+    mounts = list(c.mounts)
+    covered = any(out == dst or out.startswith(dst.rstrip("/") + "/")
+                  for dst in (m.split(":")[1] if ":" in m else m for m in mounts))
+    if out.startswith("/") and not covered:
+        mounts.append(f"{out}:{out}")
+    return mounts
+
+
+def pyxis_flags(c: Container, mounts: list[str]) -> list[str]:
+    """srun options of pyxis (enroot): every node's launcher starts inside the image."""
+    flags = [shlex.quote(f"--container-image={c.image}")]
+    if mounts:
+        flags.append(shlex.quote(f"--container-mounts={','.join(mounts)}"))
+    if c.workdir:
+        flags.append(shlex.quote(f"--container-workdir={c.workdir}"))
+    return flags
+
+
+def apptainer_prefix(c: Container, mounts: list[str], *, gpus: bool) -> list[str]:
+    """`apptainer exec` in front of the launcher: --nv for the host's NVIDIA driver and devices, binds,
+    the working directory; the host environment (SLURM_*, the run directory) passes through."""
+    words = ["apptainer", "exec"] + (["--nv"] if gpus else [])
+    if mounts:
+        words += ["--bind", shlex.quote(",".join(mounts))]
+    if c.workdir:
+        words += ["--pwd", shlex.quote(c.workdir)]
+    return words + [shlex.quote(c.image)]
 
 
 def render_prepare_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
@@ -157,6 +240,7 @@ def render_prepare_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
     ]
     lines += [f"#SBATCH {opt}" for opt in opts]
     lines += ["", "set -eo pipefail"]
+    lines += module_lines(spec)
     if spec.launch.setup:
         lines += ["", "# launch.setup from the spec"] + list(spec.launch.setup)
     lines += ["set -u", ""]
@@ -166,6 +250,24 @@ def render_prepare_sbatch(spec: JobSpec, *, source: str = "a job spec") -> str:
            *(shlex.quote(a) for a in spec.train.to_args())]
     lines.append(_wrap(["exec", *cmd]))
     return "\n".join(lines) + "\n"
+
+
+def sweep_lines(array: ArrayPlan) -> list[str]:
+    """The array task's label and training flags, chosen by SLURM_ARRAY_TASK_ID."""
+    lines = ["# The sweep point of this array task: its label (the run directory's name) and its flags.",
+             'case "$SLURM_ARRAY_TASK_ID" in']
+    for i, (label, args) in enumerate(array.tasks):
+        lines.append(_wrap([f"  {i})", f"label={_array_word(label)};", "args=(", *(_array_word(a) for a in args),
+                            ");;"]))
+    lines += ['  *) echo "hpcft: no sweep point $SLURM_ARRAY_TASK_ID" >&2; exit 2;;', "esac"]
+    return lines
+
+
+def _array_word(value: str) -> str:
+    """shlex.quote, and quotes around commas too, which bash reads fine but readers (and shellcheck,
+    SC2054) take for a mistyped array separator."""
+    quoted = shlex.quote(value)
+    return f"'{value}'" if quoted == value and "," in value else quoted
 
 
 def _quote_value(value: str) -> str:

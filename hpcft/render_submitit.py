@@ -35,6 +35,7 @@ def submitit_parameters(spec: JobSpec) -> dict:
         cpus_per_task=r.cpus_per_task,
         time=time_to_minutes(r.time), partition=r.partition, account=r.account, qos=r.qos,
         constraint=r.constraint, mem=r.mem, exclusive=True if r.exclusive else None,
+        exclude=r.exclude, nodelist=r.nodelist,
         srun_args=list(SRUN_FLAGS), setup=list(spec.launch.setup) or None,
         # submitit always asks for its signal; with signal_lead_s 0 it comes at the limit itself.
         signal_delay_s=spec.launch.signal_lead_s,
@@ -42,9 +43,13 @@ def submitit_parameters(spec: JobSpec) -> dict:
     gpus = gpu_request(spec)
     if gpus:
         params.update(gpus.submitit_parameters())
+    extra: dict = {}
     if spec.launch.requeue:
-        # As in render.py; submitit writes --open-mode=append itself.
-        params["additional_parameters"] = {"requeue": True}
+        extra["requeue"] = True  # as in render.py; submitit writes --open-mode=append itself
+    if r.reservation:
+        extra["reservation"] = r.reservation
+    if extra:
+        params["additional_parameters"] = extra
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -27,6 +27,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTLIST = re.compile(r"^[A-Za-z0-9_.\-]+(\[[0-9,\-]+\])?[A-Za-z0-9_.\-]*(,[A-Za-z0-9_.\-]+(\[[0-9,\-]+\])?[A-Za-z0-9_.\-]*)*$")
+_MODULE = re.compile(r"^[A-Za-z0-9_.+/:@-]+$")
 # Names that hold credentials: their values stay in the submitting shell, never in specs or scripts.
 SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.IGNORECASE)
 
@@ -83,6 +85,25 @@ class Resources:
     qos: str | None = None  # --qos
     constraint: str | None = None  # -C/--constraint, e.g. "a100&ib"
     exclusive: bool = False  # --exclusive: whole nodes only
+    exclude: str | None = None  # -x/--exclude: nodes never to use, a Slurm hostlist such as "gpu[07-08]"
+    nodelist: str | None = None  # -w/--nodelist: nodes the job must include, e.g. "gpu[01-02]"
+    reservation: str | None = None  # --reservation: run inside this reservation
+
+
+CONTAINER_RUNTIMES = ("pyxis", "apptainer")
+
+
+@dataclass(frozen=True)
+class Container:
+    """An image every node's launcher (and so every rank) runs in. The batch script itself stays on the
+    host: it requeues with scontrol, which images often lack; inside, the launcher takes the hosts from
+    SLURM_JOB_NODELIST without scontrol."""
+
+    image: str = ""  # pyxis: an enroot image or docker:// URI (nvcr.io#nvidia/pytorch:24.05-py3); apptainer: a .sif
+    runtime: str = "pyxis"  # pyxis (srun --container-image, enroot) or apptainer (apptainer exec --nv)
+    mounts: tuple[str, ...] = ()  # SRC:DST[:OPTS] each; mount the run's output_dir, data and model if outside the image
+    workdir: str | None = None  # working directory inside the container
+    python: str = "python3"  # the interpreter inside the image that has hpcft, torch and the rest
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,10 @@ class Launch:
 
     backend: str = "sbatch"  # "sbatch" (render + sbatch) or "submitit"
     rdzv_port: int | None = None  # fixed rendezvous port; default derives one from the job id
-    setup: tuple[str, ...] = ()  # shell lines run first in the batch script (module load, source venv)
+    modules: tuple[str, ...] = ()  # environment modules loaded first in the batch script (module load ...)
+    module_purge: bool = False  # `module purge` before loading them
+    container: Container | None = None  # run the ranks in this image (launch.container.image, .runtime, .mounts)
+    setup: tuple[str, ...] = ()  # shell lines run first in the batch script (source a venv, export ...)
     command: tuple[str, ...] = ()  # a torchrun-ready script and its args; empty: hpcft's entrypoint
     signal_lead_s: int = 120  # Slurm warns this long before the time limit (USR1; submitit: USR2): ranks checkpoint and stop (0: off)
     requeue: bool = True  # after such a stop, the job requeues itself and resumes from the checkpoint
@@ -301,11 +325,15 @@ def validate_spec(spec: JobSpec) -> None:
     if minutes < 1:
         raise SpecError("resources.time", f"must be at least one minute (got {r.time!r})")
     _validate_prepare(spec.prepare)
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint", "reservation"):
         value = getattr(r, key)
         if value is not None and (key == "constraint" and not re.fullmatch(r"[A-Za-z0-9_.&|\[\]*()!:-]+", value)
                                   or key != "constraint" and not _SLURM_WORD.match(value)):
             raise SpecError(f"resources.{key}", f"must be a plain Slurm name without spaces or quotes (got {value!r})")
+    for key in ("exclude", "nodelist"):
+        value = getattr(r, key)
+        if value is not None and not _HOSTLIST.match(value):
+            raise SpecError(f"resources.{key}", f"write a Slurm hostlist such as gpu[01-04],gpu07 (got {value!r})")
     ln = spec.launch
     if ln.backend not in ("sbatch", "submitit"):
         raise SpecError("launch.backend", f"must be sbatch or submitit (got {ln.backend!r})")
@@ -323,6 +351,11 @@ def validate_spec(spec: JobSpec) -> None:
     for i, line in enumerate(ln.setup):
         if "\n" in line:
             raise SpecError(f"launch.setup[{i}]", "one shell line per list item, without newlines")
+    for i, name in enumerate(ln.modules):
+        if not _MODULE.match(name):
+            raise SpecError(f"launch.modules[{i}]", f"a module name such as cuda/12.4 or nccl (got {name!r})")
+    if ln.container is not None:
+        _validate_container(ln.container, ln.backend)
     for name, value in spec.env.items():
         if not _ENV_NAME.match(name):
             raise SpecError(f"env.{name}", "environment variable names use letters, digits and _ and do not start with a digit")
@@ -336,6 +369,21 @@ def validate_spec(spec: JobSpec) -> None:
         if "\x00" in value:
             raise SpecError(dotted, "contains a NUL byte; use a plain path")
     spec.train.validate()
+
+
+def _validate_container(c: Container, backend: str) -> None:
+    if not c.image or any(ch.isspace() or ch in "'\"" for ch in c.image):
+        raise SpecError("launch.container.image", f"name an image without spaces or quotes, e.g. "
+                                                  f"nvcr.io#nvidia/pytorch:24.05-py3 or /images/train.sif (got {c.image!r})")
+    if c.runtime not in CONTAINER_RUNTIMES:
+        raise SpecError("launch.container.runtime", f"must be one of {', '.join(CONTAINER_RUNTIMES)} (got {c.runtime!r})")
+    for i, mount in enumerate(c.mounts):
+        parts = mount.split(":")
+        if not 1 <= len(parts) <= 3 or not all(parts[:2]) or any(ch.isspace() or ch in ",'\"" for ch in mount):
+            raise SpecError(f"launch.container.mounts[{i}]", f"write SRC[:DST[:OPTS]] without spaces or commas (got {mount!r})")
+    if backend == "submitit":
+        raise SpecError("launch.container", "runs with launch.backend sbatch; submitit starts its own python on "
+                                            "the nodes, outside any image")
 
 
 def _validate_prepare(p: Prepare) -> None:
@@ -372,9 +420,18 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         loader, func = split_custom(custom)
         custom = f"{_absolute(str(loader), base)}:{func}"
     template = t.chat_template if t.chat_template is None or "{" in t.chat_template else _absolute(t.chat_template, base)
+    launch = spec.launch
+    c = launch.container
+    if c is not None:
+        # Paths on the host are relative to where the user submits; image references (docker://,
+        # nvcr.io#...) and paths inside the image are left alone.
+        image = _absolute(c.image, base) if (base / c.image).exists() and "://" not in c.image else c.image
+        mounts = tuple(":".join([_absolute(m.split(":")[0], base), *m.split(":")[1:]]) if ":" in m
+                       else f"{_absolute(m, base)}:{_absolute(m, base)}" for m in c.mounts)
+        launch = dataclasses.replace(launch, container=dataclasses.replace(c, image=image, mounts=mounts))
     train = dataclasses.replace(
         t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
         data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base),
         deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume, custom_dataset=custom,
         chat_template=template, data_cache_dir=_absolute(t.data_cache_dir, base))
-    return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train)
+    return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train, launch=launch)

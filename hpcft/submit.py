@@ -4,7 +4,10 @@ Nothing is submitted, and nothing is left on disk, unless every check passes fir
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -30,6 +33,7 @@ class Submitted:
     run_dir: Path  # <output_dir>/<name>/<job-id>
     slurm_output: Path
     prepare_job_id: str | None = None  # the data-preparation job it waits for (hpcft submit --prepare)
+    dependencies: tuple[str, ...] = ()  # Slurm dependencies it waits for: afterok:123, afterany:456
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -38,8 +42,6 @@ def check_inputs(spec: JobSpec) -> None:
         return  # a user's own script reads its own inputs
     t = spec.train
     if t.quantization:
-        import importlib.util
-
         if spec.resources.gpus_per_node == 0:
             raise SpecError("train.quantization", f"{t.quantization} (QLoRA/int8) needs GPUs; ask for some with "
                                                   "--gpus-per-node or drop quantization")
@@ -49,6 +51,10 @@ def check_inputs(spec: JobSpec) -> None:
     if not (Path(t.model_name) / "config.json").is_file():
         raise SpecError("train.model_name", f"no model directory with config.json at {t.model_name}; "
                                             f"build a small one with: hpcft make-tiny-model {t.model_name}")
+    for tracker in t.trackers:
+        if tracker != "tensorboard" and importlib.util.find_spec(tracker) is None:
+            raise SpecError("train.report_to", f"{tracker} is not installed here: pip install "
+                                               f"{'mlflow-skinny' if tracker == 'mlflow' else tracker}, or drop it")
     if t.deepspeed_config is not None:
         if not Path(t.deepspeed_config).is_file():
             raise SpecError("train.deepspeed_config", f"no such file {t.deepspeed_config}; point it at an existing file")
@@ -177,10 +183,39 @@ def sbatch_env() -> dict[str, str]:
     return {**os.environ, PYTHON_VAR: sys.executable}
 
 
-def dependency_args(after: str | None) -> list[str]:
-    """sbatch options that hold a job until `after` (a job id) succeeded, and cancel it if that failed
-    (Slurm would otherwise leave it pending forever with DependencyNeverSatisfied)."""
-    return [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+DEPENDENCY_TYPES = ("afterok", "afterany", "afternotok")
+_AFTER = re.compile(r"^(\d+(?:_\d+)?)(?::([a-z]+))?$")
+
+
+def parse_after(values: list[str] | tuple[str, ...], *, known=None) -> list[str]:
+    """`--after JOB[:afterok|afterany|afternotok]` (repeatable) -> Slurm dependencies ("afterok:123"),
+    each job checked against Slurm when it answers (known: job id -> bool, for tests)."""
+    deps = []
+    for value in values:
+        m = _AFTER.match(value.strip())
+        if m is None or (m.group(2) or "afterok") not in DEPENDENCY_TYPES:
+            raise SpecError("--after", f"write JOB or JOB:{'|'.join(DEPENDENCY_TYPES)}, e.g. 1234 or 1234:afterany "
+                                       f"(got {value!r})")
+        job, kind = m.group(1), m.group(2) or "afterok"
+        if not (known or _slurm_knows)(job):
+            raise SpecError("--after", f"Slurm knows no job {job}; check the id with hpcft status")
+        deps.append(f"{kind}:{job}")
+    return deps
+
+
+def _slurm_knows(job: str) -> bool:
+    from hpcft.jobs import SlurmUnavailable, job_info
+
+    try:
+        return job_info(job) is not None
+    except SlurmUnavailable:
+        return True  # nothing to ask here; sbatch refuses a dependency on a job it does not know
+
+
+def dependency_args(deps: list[str] | tuple[str, ...]) -> list[str]:
+    """sbatch options that hold a job until its dependencies are met, and cancel it when one never can
+    be (a failed afterok job): Slurm would otherwise leave it pending forever (DependencyNeverSatisfied)."""
+    return [f"--dependency={','.join(deps)}", "--kill-on-invalid-dep=yes"] if deps else []
 
 
 def _sbatch(spec: JobSpec, script: str, options: list[str]) -> str:
@@ -201,10 +236,46 @@ def _sbatch(spec: JobSpec, script: str, options: list[str]) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def submit_sbatch(spec: JobSpec, script: str, *, after: str | None = None) -> Submitted:
+def submit_sbatch(spec: JobSpec, script: str, *, deps: tuple[str, ...] = ()) -> Submitted:
     out = Path(spec.output_dir)
-    job_id = _sbatch(spec, script, dependency_args(after))
-    return Submitted(job_id, "sbatch", job_dir(out, spec.name) / job_id, slurm_output(out, job_id), after)
+    job_id = _sbatch(spec, script, dependency_args(deps))
+    return Submitted(job_id, "sbatch", job_dir(out, spec.name) / job_id, slurm_output(out, job_id), None, deps)
+
+
+def submit_sweep(points, *, source: str, max_parallel: int | None, check: bool = True,
+                 after: list[str] | tuple[str, ...] = ()) -> tuple[str, Path]:
+    """One job array for a sweep's points (hpcft.sweep.grid, paths resolved): every distinct point
+    checked first, then sbatch; returns the array's job id and its manifest (hpcft sweep-report)."""
+    import json
+
+    from hpcft.paths import sweep_manifest
+    from hpcft.render import ArrayPlan
+
+    if check:
+        seen: set[tuple[str, ...]] = set()
+        for point in points:
+            key = tuple(point.train_args)
+            if key not in seen:
+                seen.add(key)
+                check_before_queue(point.spec)
+    spec = points[0].spec  # resources, launch and env are the same for every point
+    plan = ArrayPlan(tuple((p.label, tuple(p.train_args)) for p in points), max_parallel)
+    job_id = _sbatch(spec, render_sbatch(spec, source=source, array=plan), dependency_args(after))
+    from hpcft.sweep import manifest
+
+    path = sweep_manifest(spec.output_dir, spec.name, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {k: [] for k, _ in points[0].overrides}
+    for p in points:
+        for k, v in p.overrides:
+            if v not in axes[k]:
+                axes[k].append(v)
+    path.write_text(json.dumps(manifest(job_id, source, axes, points), indent=1) + "\n")
+    from hpcft.paths import sweep_task_dir
+
+    for p in points:
+        write_spec(p.spec, sweep_task_dir(spec.output_dir, spec.name, job_id, p.index, p.label))
+    return job_id, path
 
 
 def submit_prepare(spec: JobSpec, *, source: str) -> str:
@@ -216,7 +287,7 @@ class SubmitError(RuntimeError):
     """Slurm refused the job (the message is Slurm's)."""
 
 
-def submit_submitit(spec: JobSpec, *, after: str | None = None) -> Submitted:
+def submit_submitit(spec: JobSpec, *, deps: tuple[str, ...] = ()) -> Submitted:
     import submitit
     from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
@@ -230,9 +301,9 @@ def submit_submitit(spec: JobSpec, *, after: str | None = None) -> Submitted:
     except RuntimeError as exc:  # submitit's "Could not detect srun"
         raise SubmitError(f"submitit could not submit: {exc}; run on a Slurm login node") from None
     params = submitit_parameters(spec)
-    if after:  # dependency_args, as submitit writes #SBATCH lines from a dict
+    if deps:  # dependency_args, as submitit writes #SBATCH lines from a dict
         params["additional_parameters"] = {**params.get("additional_parameters", {}),
-                                           "dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"}
+                                           "dependency": ",".join(deps), "kill-on-invalid-dep": "yes"}
     executor.update_parameters(**params)
     task = NodeTask(command=entry_command(spec), job_dir=str(job_dir(spec.output_dir, spec.name)),
                     env=dict(spec.env), rdzv_port=spec.launch.rdzv_port, requeue=spec.launch.requeue)
@@ -244,7 +315,7 @@ def submit_submitit(spec: JobSpec, *, after: str | None = None) -> Submitted:
         raise SubmitError(f"submitit could not submit: {exc}") from None
     job_id = str(job.job_id)
     run = RunPaths.for_job(spec.output_dir, spec.name, job_id)
-    return Submitted(job_id, "submitit", run.run_dir, run.submitit_log(), after)
+    return Submitted(job_id, "submitit", run.run_dir, run.submitit_log(), None, deps)
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -257,17 +328,35 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def submit(spec: JobSpec, *, source: str, check: bool = True, prepare: bool = False) -> Submitted:
-    """Check (unless check is False: `hpcft submit --no-check`), then submit through the spec's backend;
-    with prepare, the data-preparation job first and the training job after it (afterok)."""
+def submit(spec: JobSpec, *, source: str, check: bool = True, prepare: bool = False,
+           after: list[str] | tuple[str, ...] = ()) -> Submitted:
+    """Check (unless check is False: `hpcft submit --no-check`), then submit through the spec's backend,
+    held until the jobs of `after` (parse_after) allow; with prepare, the data-preparation job first and
+    the training job after it (afterok)."""
     if check:
         check_before_queue(spec)
-    after = submit_prepare(spec, source=source) if prepare else None
+    prep = submit_prepare(spec, source=source) if prepare else None
+    deps = (*after, *([f"afterok:{prep}"] if prep else []))
     try:
         if spec.launch.backend == "submitit":
-            return submit_submitit(spec, after=after)
-        return submit_sbatch(spec, render_sbatch(spec, source=source), after=after)
+            sub = submit_submitit(spec, deps=deps)
+        else:
+            sub = submit_sbatch(spec, render_sbatch(spec, source=source), deps=deps)
     except SubmitError:
-        if after:  # no training job: its preparation is not wanted either
-            subprocess.run(["scancel", after], capture_output=True)
+        if prep:  # no training job: its preparation is not wanted either
+            subprocess.run(["scancel", prep], capture_output=True)
         raise
+    write_spec(spec, sub.run_dir)
+    return dataclasses.replace(sub, prepare_job_id=prep)
+
+
+def write_spec(spec: JobSpec, run_dir: Path) -> None:
+    """The resolved spec into the job's run directory: what the run was asked to be (its trackers log
+    it as parameters). Best effort: the job is queued already."""
+    import json
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunPaths(run_dir).spec.write_text(json.dumps(dataclasses.asdict(spec), indent=1, default=str) + "\n")
+    except OSError:
+        pass

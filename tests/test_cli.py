@@ -316,3 +316,14 @@ def test_prepare_fills_the_cache_once_and_dry_run_prepare_prints_both_jobs(tmp_p
     bad = hpcft("prepare", str(spec), "train.dataset=alpaca", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("hpcft: error: train.data_path: dataset=alpaca needs column(s) instruction, output")
+
+
+def test_every_flag_of_every_command_has_help():
+    from hpcft.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "cmd").choices
+    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.items()
+               for action in sub._actions if action.dest != "help" and not action.help]
+    assert missing == []
+    assert set(commands) >= {"submit", "prepare", "launch", "doctor", "logs", "status", "cancel", "make-tiny-model"}

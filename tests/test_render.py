@@ -105,3 +105,68 @@ def test_render_is_pure(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "999")
     monkeypatch.chdir("/")
     assert render_sbatch(spec) == a
+
+
+SITE_SPECS = {
+    "container_pyxis": {"output_dir": "/scratch/me/runs", "resources": {"nodes": 2, "gpus_per_node": "h100:8"},
+                        "launch": {"container": {"image": "nvcr.io#nvidia/pytorch:24.05-py3",
+                                                 "mounts": ["/scratch:/scratch", "/models:/models:ro"],
+                                                 "workdir": "/scratch/me"}}},
+    "container_apptainer": {"output_dir": "/scratch/me/runs", "resources": {"nodes": 2, "gpus_per_node": 4},
+                            "launch": {"container": {"image": "/images/train.sif", "runtime": "apptainer",
+                                                     "mounts": ["/models:/models"], "python": "/opt/conda/bin/python"}}},
+    "modules": {"resources": {"exclude": "gpu[07-08]", "nodelist": "gpu01", "reservation": "maint"},
+                "launch": {"modules": ["cuda/12.4", "nccl/2.21"], "module_purge": True,
+                           "setup": ["source ~/venvs/hpcft/bin/activate"]}},
+}
+
+
+@pytest.mark.parametrize("name", list(SITE_SPECS))
+def test_site_renders_match_goldens_and_pass_shellcheck(name, update_goldens):
+    """Containers (pyxis, apptainer), environment modules and node selection as a site needs them."""
+    text = render_sbatch(spec_from_dict(SITE_SPECS[name]), source=f"the {name} spec of tests/test_render.py")
+    check_golden(GOLDEN / f"{name}.sbatch", text, update_goldens)
+    proc = subprocess.run(["shellcheck", "-s", "bash", "-S", "warning", "-e", "SC1090,SC1091", "-"], input=text,
+                          text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stdout
+    body = "\n".join(logical_lines(text)).replace(" \\\n  ", " ")
+    if name == "container_pyxis":
+        assert "'--container-image=nvcr.io#nvidia/pytorch:24.05-py3'" in body
+        # the output directory is mounted where the host has it: the ranks write the run directory there
+        assert "--container-mounts=/scratch:/scratch,/models:/models:ro " in body  # /scratch covers it already
+        assert " python3 -m hpcft.launch --node" in body and "HPCFT_PYTHON" not in body.split("srun", 1)[1]
+    if name == "container_apptainer":
+        assert "apptainer exec --nv --bind /models:/models,/scratch/me/runs:/scratch/me/runs /images/train.sif " \
+               "/opt/conda/bin/python -m hpcft.launch --node" in body
+    if name == "modules":
+        lines = text.splitlines()
+        assert lines.index("module purge") < lines.index("module load cuda/12.4 nccl/2.21") < \
+            lines.index("source ~/venvs/hpcft/bin/activate") < lines.index("set -u")
+        for opt in ("--exclude=gpu[07-08]", "--nodelist=gpu01", "--reservation=maint"):
+            assert f"#SBATCH {opt}\n" in text
+    # requeue stays in the batch shell, outside any image (scontrol is often missing inside one)
+    assert body.index('scontrol requeue "$SLURM_JOB_ID"') > body.index("srun ")
+
+
+def test_sweep_renders_one_array_with_a_run_directory_per_point(update_goldens):
+    import yaml
+
+    from hpcft.render import ArrayPlan
+    from hpcft.sweep import grid, split_axes
+
+    data = yaml.safe_load((ROOT / "jobs/fsdp_lora_tiny.yaml").read_text())
+    fixed, axes = split_axes(["train.lr=1e-4,3e-4", "train.lora_r=8,16", "resources.nodes=1"])
+    points = grid(data, fixed, axes)
+    plan = ArrayPlan(tuple((p.label, tuple(p.train_args)) for p in points), 2)
+    text = render_sbatch(points[0].spec, source="jobs/fsdp_lora_tiny.yaml", array=plan)
+    check_golden(GOLDEN / "sweep.sbatch", text, update_goldens)
+    assert "#SBATCH --array=0-3%2\n" in text and "#SBATCH --output=runs/slurm-%A_%a.out\n" in text
+    assert [p.label for p in points] == ["lr=1e-4,lora_r=8", "lr=1e-4,lora_r=16", "lr=3e-4,lora_r=8", "lr=3e-4,lora_r=16"]
+    proc = subprocess.run(["shellcheck", "-s", "bash", "-S", "warning", "-"], input=text, text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stdout
+    # what bash makes of it, task by task: the label and the flags of that point
+    case = text[text.index('case "$SLURM_ARRAY_TASK_ID"'):text.index("esac") + 4]
+    for p in points:
+        out = subprocess.run(["bash", "-c", f'SLURM_ARRAY_TASK_ID={p.index}\n{case}\nprintf "%s\\n" "$label" "${{args[@]}}"'],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert out == [p.label, *p.spec.train.to_args()]

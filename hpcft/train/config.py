@@ -20,6 +20,7 @@ BATCHING = ("padding", "packing")
 PACKING_MODES = ("isolated", "concat")
 MODEL_TYPES = ("auto", "causal", "seq2seq")
 SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ class TrainConfig:
     max_steps_this_run: int = 0  # stop (with a checkpoint) after this many steps of this run; the schedule is unchanged
     peak_tflops: float | None = None  # per-rank peak for MFU; default: known GPU by name, or measured on CPU
     use_profiler: bool = False  # torch profiler trace of a few steps into <run>/profiler/
-    tensorboard: bool = False  # TensorBoard scalars into <run>/tensorboard/
+    tensorboard: bool = False  # TensorBoard scalars into <run>/tensorboard/ (the same as report_to: [tensorboard])
+    report_to: tuple[str, ...] = ()  # experiment trackers on rank 0: tensorboard, wandb (offline), mlflow (file store
+    #   in the run directory unless MLFLOW_TRACKING_URI is set); the metrics.jsonl scalars and the spec as params
     plot: bool = True  # PNG of loss and throughput at the end of the run
     timeout_s: int = 600  # collective timeout; a dead peer fails the job after this long
     hang_timeout_s: int = 300  # watchdog: no rank-local progress (a step phase) for this long ends every rank with
@@ -118,6 +121,9 @@ class TrainConfig:
             bad("custom_dataset", f"is only read with dataset: custom (got dataset {self.dataset})")
         if not self.dataset_text_field:
             bad("dataset_text_field", "name the column that holds the text")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        if unknown:
+            bad("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
         if self.quantization not in (None, "4bit", "8bit"):
             bad("quantization", f"must be 4bit or 8bit (got {self.quantization!r})")
         if self.quantization and not self.use_peft:
@@ -166,6 +172,11 @@ class TrainConfig:
             bad("min_lr_ratio", f"must be in [0, 1] (got {self.min_lr_ratio})")
         if self.gradient_clipping_threshold <= 0:
             bad("gradient_clipping_threshold", f"must be > 0 (got {self.gradient_clipping_threshold})")
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to, with tensorboard when the older tensorboard: true asks for it."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
 
     def to_args(self) -> list[str]:
         """Flags for `python -m hpcft.train`, only those that differ from the defaults, in field order;

@@ -11,36 +11,36 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsWriter:
-    """Appends one JSON object per line (and, optionally, TensorBoard scalars); rank 0 only."""
+    """Appends one JSON object per line, and hands the same scalars to the run's experiment trackers
+    (hpcft.train.trackers); rank 0 only."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, enabled: bool, trackers=None):
         self.enabled = enabled
         self._f = None
-        self._tb = None
+        self._trackers = trackers if enabled else None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = path.open("a", encoding="utf-8")
-            if tensorboard_dir is not None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, **record: object) -> None:
         if self._f is None:
             return
         self._f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
         self._f.flush()
-        if self._tb is not None and isinstance(record.get("step"), int):
+        if self._trackers is not None and isinstance(record.get("step"), int):
             prefix = "eval/" if record.get("event") == "eval" else "train/"
-            for key, value in record.items():
-                if key not in ("step", "event", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(prefix + key, value, record["step"])
+            scalars = {k: float(v) for k, v in record.items() if k not in ("step", "event", "epoch")
+                       and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if scalars and record.get("event") in (None, "eval"):
+                self._trackers.log(record["step"], scalars, prefix)
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
-        if self._tb is not None:
-            self._tb.close()
+            self._f = None
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
 
 def effective_rows(rows: list[dict]) -> list[dict]:

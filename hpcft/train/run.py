@@ -89,8 +89,7 @@ def run(cfg: TrainConfig) -> dict:
 def _train_and_finish(s: Session, stop: StopRequest, beat: Progress) -> dict:
     """Train; then, unless stopped for a requeue, evaluate, export and write the summary."""
     summary = start_summary(s)
-    metrics = MetricsWriter(s.paths.metrics, enabled=s.rt.is_main,
-                            tensorboard_dir=s.paths.tensorboard if s.cfg.tensorboard else None)
+    metrics = MetricsWriter(s.paths.metrics, enabled=s.rt.is_main, trackers=open_trackers(s) if s.rt.is_main else None)
     if s.resume_from is not None:
         write_restart(s, metrics)
     if s.data.eval_loader is not None:
@@ -134,6 +133,24 @@ def start_summary(s: Session) -> dict:
             "global_batch": s.shape.world_size * s.shape.micro_batch * s.shape.accum,
             "gradient_accumulation_steps": s.cfg.gradient_accumulation_steps, "start_step": s.state.step, "peak_flops_per_rank": s.flops.peak_per_rank,
             "peak_flops_source": s.flops.peak_source}
+
+
+def open_trackers(s: Session):
+    """rank 0's experiment trackers (train.report_to), with the job's spec as parameters: spec.json, which
+    hpcft submit writes into the run directory, else this run's training config and world."""
+    from hpcft.train.trackers import Trackers
+
+    if not s.cfg.trackers:
+        return None
+    try:
+        params = json.loads(s.paths.spec.read_text())
+    except (OSError, ValueError):
+        params = {"train": dataclasses.asdict(s.cfg)}
+    slurm = collect_slurm_env()
+    params["world"] = {"world_size": s.rt.env.world_size, "nodes": len(slurm.job_nodelist) or 1,
+                       "job_id": slurm.job_id, "strategy": s.cfg.strategy}
+    return Trackers(s.cfg.trackers, run_dir=s.paths.run_dir, project=slurm.job_name or "hpcft",
+                    run_name=s.paths.run_dir.name, params=params)
 
 
 def write_restart(s: Session, metrics: MetricsWriter) -> None:
