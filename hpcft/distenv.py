@@ -53,7 +53,10 @@ STOP_SIGNAL_VAR = "HPCFT_STOP_SIGNAL"
 SAMPLE_LOG_VAR = "HPCFT_SAMPLE_LOG"
 FAULT_HANG_VAR = "HPCFT_FAULT_HANG"
 FAULT_SLOW_VAR = "HPCFT_FAULT_SLOW"
+CPU_NODE_VAR = "HPCFT_CPU_NODE"
 HPCFT_TABLE: dict[str, str] = {
+    CPU_NODE_VAR: "1 on nodes without CUDA, set by the node launcher: a user's script then runs through "
+                  "hpcft.cpuworld, so that Accelerate and HF Trainer form one CPU world",
     RUN_DIR_VAR: "the run directory; set by every hpcft launch path, read by the node launcher, rankrun "
                  "(per-rank logs) and the entrypoint (metrics, checkpoints, model)",
     RDZV_PORT_VAR: "a fixed rendezvous port (launch.rdzv_port); unset: derived from the job id",
@@ -70,9 +73,7 @@ HPCFT_TABLE: dict[str, str] = {
                     "every optimizer step, a straggler the step statistics must name",
 }
 
-# Accelerate's variable for "this is a CPU run", which HF Trainer reads too; the node launcher sets it on
-# nodes without CUDA (user scripts), and `accelerate launch` always sets ACCELERATE_MIXED_PRECISION.
-ACCELERATE_CPU_VAR = "ACCELERATE_USE_CPU"
+# `accelerate launch` always sets this one: how the entrypoint tells it launched the ranks.
 ACCELERATE_LAUNCH_VAR = "ACCELERATE_MIXED_PRECISION"
 
 # PyTorch's NCCL flight recorder (a ring buffer of the last collectives per rank), read by ProcessGroupNCCL

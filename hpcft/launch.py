@@ -14,7 +14,7 @@ from typing import Mapping
 
 import dataclasses
 
-from hpcft.distenv import (ACCELERATE_CPU_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env,
+from hpcft.distenv import (CPU_NODE_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env,
                            flight_recorder_env, plan_rendezvous)
 from hpcft.errors import SpecError
 from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
@@ -49,9 +49,9 @@ def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda
     env.setdefault("PYTHONUNBUFFERED", "1")
     if not cuda:
         env.setdefault("OMP_NUM_THREADS", str(rank_threads(slurm, rdzv.nproc_per_node)))
-        # Accelerate (and HF Trainer through it) forms a CPU world only when told it is on CPU; otherwise
-        # each rank of a user's script runs alone ("Distributed environment: NO") and still "succeeds".
-        env.setdefault(ACCELERATE_CPU_VAR, "true")
+        # A user's script runs through hpcft.cpuworld here (hpcft.rankrun), so that Accelerate and HF
+        # Trainer form one CPU world rather than N single-process runs that each "succeed".
+        env[CPU_NODE_VAR] = "1"
     elif env.get(RUN_DIR_VAR):  # NCCL's flight recorder, its dumps in the run directory (see hpcft/train/watchdog.py)
         env = {**flight_recorder_env(RunPaths(Path(env[RUN_DIR_VAR])).nccl_trace_prefix), **env}
     return env

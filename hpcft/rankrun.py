@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from hpcft.cpuworld import on_cpu
 from hpcft.distenv import RUN_DIR_VAR, collect_dist_env
 from hpcft.paths import RunPaths
 from hpcft.stopsignal import ignore_stop_signals
@@ -31,8 +32,13 @@ STOP_SAMPLE_S = 1.0  # how often the wrapper looks whether its rank is stopped (
 
 
 def child_argv(command: list[str]) -> list[str]:
-    """`-m mod args` and `script.py args` run under this Python; anything else runs as a program."""
+    """`-m mod args` and `script.py args` run under this Python; anything else runs as a program. A
+    user's script on a node without CUDA runs through hpcft.cpuworld, so that Accelerate forms one
+    CPU world there (hpcft's own modules need nothing of it)."""
     if command[0] in ("-m", "-c") or command[0].endswith(".py"):
+        own = command[0] == "-c" or (command[0] == "-m" and command[1:2] and command[1].startswith("hpcft."))
+        if on_cpu() and not own:
+            return [sys.executable, "-m", "hpcft.cpuworld", *command]
         return [sys.executable, *command]
     return command
 
