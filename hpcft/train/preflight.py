@@ -34,6 +34,7 @@ class RankFacts:
     cuda_devices: int
     versions: tuple[tuple[str, str], ...]
     wrote: str | None  # the file this rank wrote into the run directory, or the error
+    interface: str = ""  # the socket interface gloo/NCCL use here (the launcher's choice, or the user's)
 
 
 def versions() -> tuple[tuple[str, str], ...]:
@@ -99,7 +100,8 @@ def preflight(rt, run_dir: Path, *, env=None) -> str:
     facts = RankFacts(rank=rt.env.rank, host=socket.gethostname(), local_rank=rt.env.local_rank,
                       local_world_size=rt.env.local_world_size,
                       cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                      versions=versions(), wrote=_write_probe(run_dir, rt.env.rank))
+                      versions=versions(), wrote=_write_probe(run_dir, rt.env.rank),
+                      interface=env.get("NCCL_SOCKET_IFNAME" if rt.backend == "nccl" else "GLOO_SOCKET_IFNAME", ""))
     gathered: list = [facts]
     if dist.is_initialized():
         gathered = [None] * rt.env.world_size
@@ -122,5 +124,8 @@ def preflight(rt, run_dir: Path, *, env=None) -> str:
     if dist.is_initialized():
         dist.barrier()
     hosts = sorted({f.host for f in gathered})
+    ifaces = sorted({f"{f.host}: {f.interface or 'default'}" for f in gathered})
     return (f"hpcft preflight: ok: {n} rank(s) on {len(hosts)} node(s) {hosts}, all-reduce {ms:.1f} ms, "
-            + ", ".join(f"{k} {v}" for k, v in facts.versions) + f", run dir {run_dir} shared")
+            + ", ".join(f"{k} {v}" for k, v in facts.versions) + f", run dir {run_dir} shared, "
+            f"rendezvous {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}, {rt.backend} over "
+            + "; ".join(ifaces))
