@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${HPCFT_VENV:-.venv}
 
 need_apt=()
-for p in slurmctld slurmd slurm-client munge shellcheck time; do
+for p in slurmctld slurmd slurm-client munge shellcheck time lmod; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -22,7 +22,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   "$PY" -m pip install -q 'torch==2.13.0'
 fi
-if ! "$PY" -c 'import hpcft, transformers, deepspeed, peft, datasets, submitit, rich, pytest' 2>/dev/null \
+if ! "$PY" -c 'import hpcft, transformers, deepspeed, peft, datasets, submitit, rich, pytest, wandb, mlflow' 2>/dev/null \
    || [ setup.cfg -nt "$VENV/.hpcft-installed" ]; then
   # The constraint keeps pip from replacing the torch installed above.
   "$PY" -m pip install -q -e '.[test]' --constraint <(echo 'torch==2.13.0')

@@ -48,7 +48,13 @@ class Trackers:
         if "mlflow" in self.names:
             import mlflow
 
-            mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri())
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                # MLflow 3 keeps its file store in maintenance mode and refuses it unless asked: a file store
+                # in the run directory needs no server and no database driver on a compute node.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                uri = (run_dir / "mlruns").resolve().as_uri()
+            mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(project)
             self._mlflow = mlflow
             # a requeued attempt of the job continues its run (tagged with the run directory's name)
