@@ -72,4 +72,5 @@ def test_a_failed_preparation_cancels_its_training_job(cluster, tiny_model, tmp_
     assert wait_for(prep, poll_s=1, timeout_s=300).state == "FAILED"
     assert wait_for(job, poll_s=1, timeout_s=120).state == "CANCELLED"
     assert "train.data_path: cannot tell the data form" in (tmp_path / "runs" / f"slurm-{prep}.out").read_text()
-    assert not (tmp_path / "runs" / "bad" / job).exists()  # it never started
+    run_dir = tmp_path / "runs" / "bad" / job  # holds the spec hpcft submit wrote, nothing a rank wrote
+    assert [p.name for p in run_dir.iterdir()] == ["spec.json"]  # it never started
