@@ -85,6 +85,39 @@ NCCL_FLIGHT_RECORDER_TABLE: dict[str, str] = {
 NCCL_TRACE_FILE_VAR = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"  # dump path prefix; torch appends the rank
 
 
+# What hpcft sets for NCCL on CUDA nodes unless the user's environment (or the spec's env) says otherwise.
+NCCL_DEFAULTS: dict[str, str] = {
+    # A failed or timed-out collective tears the process down instead of leaving the rank hung: torchrun
+    # and srun --kill-on-bad-exit then end the job, and hpcft logs names the rank.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # NCCL says which network and transport it chose (a few dozen lines per rank at start, nothing per
+    # step), so `hpcft logs` can warn about TCP sockets where InfiniBand exists; NCCL_DEBUG=WARN quiets it.
+    "NCCL_DEBUG": "INFO",
+    "NCCL_DEBUG_SUBSYS": "INIT,NET",
+}
+# Printed once in rank 0's log on CUDA, with where each value came from.
+NCCL_REPORTED = (*NCCL_DEFAULTS, *NCCL_FLIGHT_RECORDER_TABLE, "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_DISABLE",
+                 "NCCL_P2P_DISABLE", "NCCL_NET_GDR_LEVEL", "NCCL_ALGO", "NCCL_PROTO")
+
+
+def nccl_env(trace_prefix: str | None) -> dict[str, str]:
+    """NCCL_DEFAULTS and the flight recorder's variables (dumps to trace_prefix<rank>): what a CUDA
+    node's launcher puts under the user's environment (values the user exported win)."""
+    return {**NCCL_DEFAULTS, **(flight_recorder_env(trace_prefix) if trace_prefix else {})}
+
+
+def nccl_report(env: Mapping[str, str]) -> str:
+    """The effective NCCL settings, each marked when it is hpcft's default."""
+    parts = []
+    for name in NCCL_REPORTED:
+        value = env.get(name)
+        if value is None:
+            continue
+        default = NCCL_DEFAULTS.get(name) or NCCL_FLIGHT_RECORDER_TABLE.get(name)
+        parts.append(f"{name}={value}" + (" (hpcft default)" if value == default else ""))
+    return ", ".join(parts) or "none set"
+
+
 def flight_recorder_env(trace_prefix: str) -> dict[str, str]:
     """The flight recorder's variables, dumps going to trace_prefix<rank>; values a user exported win."""
     return {**NCCL_FLIGHT_RECORDER_TABLE, NCCL_TRACE_FILE_VAR: trace_prefix}

@@ -15,7 +15,7 @@ from typing import Mapping
 import dataclasses
 
 from hpcft.distenv import (CPU_NODE_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env,
-                           flight_recorder_env, plan_rendezvous)
+                           nccl_env, plan_rendezvous)
 from hpcft.errors import SpecError
 from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
                            port_free, publish_port, resolve_head)
@@ -52,8 +52,9 @@ def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda
         # A user's script runs through hpcft.cpuworld here (hpcft.rankrun), so that Accelerate and HF
         # Trainer form one CPU world rather than N single-process runs that each "succeed".
         env[CPU_NODE_VAR] = "1"
-    elif env.get(RUN_DIR_VAR):  # NCCL's flight recorder, its dumps in the run directory (see hpcft/train/watchdog.py)
-        env = {**flight_recorder_env(RunPaths(Path(env[RUN_DIR_VAR])).nccl_trace_prefix), **env}
+    else:  # hpcft's NCCL defaults and the flight recorder (dumps in the run directory; hpcft/train/watchdog.py)
+        trace = RunPaths(Path(env[RUN_DIR_VAR])).nccl_trace_prefix if env.get(RUN_DIR_VAR) else None
+        env = {**nccl_env(trace), **env}
     return env
 
 

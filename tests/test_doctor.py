@@ -32,7 +32,7 @@ def test_uneven_ranks_per_node():
 
 
 def test_local_rank_beyond_visible_gpus():
-    with pytest.raises(PreflightError, match="LOCAL_RANK 2 but sees only 2 GPU"):
+    with pytest.raises(PreflightError, match=r"rank 2 on n1: local rank 2 of 2 on this node sees 2 GPU\(s\).*would share"):
         check_devices([facts(0, "n1", 0, 2), facts(2, "n1", 2, 2)])
 
 

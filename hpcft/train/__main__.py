@@ -10,6 +10,7 @@ import sys
 
 from hpcft.errors import SpecError
 from hpcft.train.config import parse_args
+from hpcft.train.dist import DeviceError
 from hpcft.train.preflight import PreflightError
 
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PreflightError as exc:
         print(f"hpcft.train: preflight failed: {exc}", file=sys.stderr)
+        return 3
+    except DeviceError as exc:
+        print(f"hpcft.train: error: {exc}", file=sys.stderr)
         return 3
     return 0
 

@@ -59,6 +59,7 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # module names that get adapters
     quantization: str | None = None  # 4bit (QLoRA) or 8bit: needs CUDA and bitsandbytes
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling), pure_bf16 (weights in bf16)
+    tf32: bool | None = None  # CUDA: TF32 tensor-core matmuls for fp32 work; default on for precision fp32 (false: exact)
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
     attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (use_fast_kernels in llama-recipes)
     batching_strategy: str = "padding"  # padding (one example per row) or packing (several examples per row)
@@ -124,6 +125,9 @@ class TrainConfig:
         unknown = [t for t in self.report_to if t not in TRACKERS]
         if unknown:
             bad("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+        if self.attn_implementation.startswith("flash_attention") and self.precision == "fp32":
+            bad("attn_implementation", f"{self.attn_implementation} computes in bf16/fp16 only; use precision bf16 "
+                                       "(autocast) or pure_bf16, or attn_implementation sdpa for fp32")
         if self.quantization not in (None, "4bit", "8bit"):
             bad("quantization", f"must be 4bit or 8bit (got {self.quantization!r})")
         if self.quantization and not self.use_peft:

@@ -23,10 +23,27 @@ class Runtime:
         return self.env.is_main
 
 
+class DeviceError(RuntimeError):
+    """This rank has no GPU of its own."""
+
+
+def gpu_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """The GPU a rank takes: its local rank when the node's ranks see all the node's GPUs (torchrun, one
+    task per node), device 0 when each rank sees one GPU of its own (srun --gpus-per-task=1 or
+    --gpu-bind); otherwise two ranks would share a GPU silently, and that is an error."""
+    if visible >= max(local_world_size, local_rank + 1):
+        return local_rank
+    if visible == 1:
+        return 0
+    raise DeviceError(f"local rank {local_rank} of {local_world_size} on this node sees {visible} GPU(s) "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): ranks would share "
+                      "GPUs; ask Slurm for one GPU per rank (--gpus-per-node = ranks per node)")
+
+
 def pick_device(env: DistEnv) -> tuple[torch.device, str]:
     """From what torch sees, never from Slurm's GPU variables (a CPU node may still be granted 'GPUs')."""
     if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count()), "nccl"
+        return torch.device("cuda", gpu_index(env.local_rank, env.local_world_size, torch.cuda.device_count())), "nccl"
     return torch.device("cpu"), "gloo"
 
 

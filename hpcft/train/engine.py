@@ -149,16 +149,28 @@ class ZeroEngine:
                   f"(universal checkpoint {ckpt.universal})", flush=True)
 
     def full_state_dict(self) -> dict | None:
-        import deepspeed
-
+        """The whole model on rank 0 (CPU). ZeRO-3 gathers one module's parameters at a time and rank 0
+        copies them to host memory before the next: gathering every parameter at once would put the
+        whole model on every rank's GPU (a 70B model on each 80 GB GPU)."""
         module = self.model.module
         rank = dist.get_rank() if dist.is_initialized() else 0
-        ctx = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-               if self.stage == 3 else contextlib.nullcontext())
-        with ctx:
-            if rank != 0:
-                return None
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if self.stage != 3:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+        import deepspeed
+
+        host: dict[int, torch.Tensor | None] = {}  # id(parameter) -> its full value on rank 0
+        for sub in module.modules():
+            params = [p for p in sub.parameters(recurse=False) if id(p) not in host]
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for p in params:
+                    host[id(p)] = p.detach().cpu().clone() if rank == 0 else None
+        if rank != 0:
+            return None
+        # Keys as the module names them (tied weights share one parameter); buffers are not partitioned.
+        return {k: host[id(v)] if id(v) in host else v.detach().cpu().clone()
+                for k, v in module.state_dict(keep_vars=True).items()}
 
 
 def _grad_scaler(precision: Precision, device: torch.device, *, sharded: bool):

@@ -6,12 +6,6 @@ import time
 
 import torch
 
-# Dense bf16 tensor-core peaks per GPU, in FLOP/s (vendor datasheets; no sparsity).
-KNOWN_PEAKS = {
-    "GB200": 2.5e15, "B200": 2.25e15, "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "A40": 150e12, "A10G": 70e12,
-    "A10": 125e12, "L4": 121e12, "V100": 125e12, "MI300X": 1307e12, "MI250X": 383e12,
-}
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
@@ -41,14 +35,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
     return 2.0 * n ** 3 * iters / (time.perf_counter() - start)
 
 
-def peak_flops(override_tflops: float | None, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def peak_flops(override_tflops: float | None, device: torch.device, dtype: torch.dtype, *,
+               tf32: bool = False) -> tuple[float, str]:
+    """Per-rank peak for MFU: train.peak_tflops, else the GPU's datasheet peak for its variant and the
+    run's number format (hpcft.train.gpupeaks), else this process's measured matmul rate."""
+    from hpcft.train.gpupeaks import gpu_peak, precision_key
+
     if override_tflops:
         return override_tflops * 1e12, "train.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAKS.items():
-            if key in name.upper().replace("NVIDIA ", ""):
-                return value, name
+        found = gpu_peak(name, precision_key(str(dtype), tf32=tf32))
+        if found:
+            return found
     return measure_matmul_peak(device, dtype), f"measured {dtype} matmul on {device.type}"
 
 

@@ -36,9 +36,11 @@ def model_class(seq2seq: bool):
     return AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
 
 
-def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, empty: bool = False) -> nn.Module:
+def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, empty: bool = False,
+               device: torch.device | None = None) -> nn.Module:
     """from_pretrained(path); with empty=True the same architecture on the meta device (no weights
-    read: low_cpu_fsdp ranks other than 0 get theirs by broadcast)."""
+    read: low_cpu_fsdp ranks other than 0 get theirs by broadcast). Quantized weights are placed on
+    this rank's GPU as they load (bitsandbytes models cannot be moved afterwards)."""
     from transformers import AutoConfig
 
     cls = model_class(seq2seq)
@@ -53,7 +55,14 @@ def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, empty: bo
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=cfg.quantization == "4bit", load_in_8bit=cfg.quantization == "8bit",
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+        kwargs["device_map"] = {"": device.index if device is not None and device.index is not None else 0}
     return cls.from_pretrained(cfg.model_name, local_files_only=True, dtype=dtype, **kwargs)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Weights loaded through a quantizer (bitsandbytes): already on their GPU, and never .to()'d."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None)
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig, *, seq2seq: bool) -> nn.Module:

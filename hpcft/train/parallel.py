@@ -15,6 +15,7 @@ from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
 from hpcft.train.engine import TorchEngine, ZeroEngine
 from hpcft.train.flops import model_shape
+from hpcft.train.model import is_quantized
 from hpcft.train.optim import build_optimizer
 from hpcft.train.precision import resolve_precision
 
@@ -29,7 +30,8 @@ def _torch_engine(model: nn.Module, hf_model: nn.Module, cfg: TrainConfig, rt: R
 def apply_ddp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int):
     from torch.nn.parallel import DistributedDataParallel
 
-    model = model.to(rt.device)
+    if not is_quantized(model):  # bitsandbytes weights were placed on this GPU as they loaded
+        model = model.to(rt.device)
     wrapped = model
     if rt.env.distributed:
         # Gradients as views into the all-reduce buckets: one copy of the gradients, not two. No buffer

@@ -31,3 +31,15 @@ PRECISIONS = {
 
 def resolve_precision(name: str) -> Precision:
     return PRECISIONS[name]
+
+
+def apply_tf32(precision: str, tf32: bool | None, device: torch.device) -> bool:
+    """TF32 tensor-core matmuls for fp32 on CUDA (Ampere and later): on by default for precision fp32
+    there, as most trainers do (~8x the plain fp32 rate, 10-bit mantissa inputs, fp32 accumulation);
+    tf32: false keeps exact fp32. Returns whether they are on (MFU then uses the TF32 peak)."""
+    if device.type != "cuda":
+        return False
+    on = tf32 if tf32 is not None else precision == "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on

@@ -59,10 +59,15 @@ def check_world(facts: list[RankFacts], *, world_size: int, slurm_nodes: int | N
 
 
 def check_devices(facts: list[RankFacts]) -> None:
+    """The rule the entrypoint places ranks by (train.dist.gpu_index), said for the whole world at once."""
+    from hpcft.train.dist import DeviceError, gpu_index
+
     for f in facts:
-        if f.cuda_devices and f.local_rank >= f.cuda_devices:
-            raise PreflightError(f"rank {f.rank} on {f.host} has LOCAL_RANK {f.local_rank} but sees only "
-                                 f"{f.cuda_devices} GPU(s): ranks per node exceed visible GPUs (CUDA_VISIBLE_DEVICES)")
+        if f.cuda_devices:
+            try:
+                gpu_index(f.local_rank, f.local_world_size, f.cuda_devices)
+            except DeviceError as exc:
+                raise PreflightError(f"rank {f.rank} on {f.host}: {exc}") from None
 
 
 def check_versions(facts: list[RankFacts]) -> None:

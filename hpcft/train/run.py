@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from hpcft.distenv import RUN_DIR_VAR, SAMPLE_LOG_VAR, collect_dist_env, collect_slurm_env
+from hpcft.distenv import RUN_DIR_VAR, SAMPLE_LOG_VAR, collect_dist_env, collect_slurm_env, nccl_report
 from hpcft.paths import RunPaths, local_run_dir
 from hpcft.rankstats import rank_summary
 from hpcft.train.checkpoint import TrainerState, save_checkpoint
@@ -76,6 +76,8 @@ def run(cfg: TrainConfig) -> dict:
         print0(rt, preflight(rt, paths.run_dir))
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
                f"backend {rt.backend}, strategy {cfg.strategy}, precision {cfg.precision}, run dir {paths.run_dir}")
+    if rt.backend == "nccl":
+        print0(rt, f"hpcft.train: NCCL settings: {nccl_report(os.environ)}")
     with watch(cfg.hang_timeout_s, rt, paths) as beat:
         beat.phase("load")
         summary = _train_and_finish(build_session(cfg, rt, paths), stop, beat)

@@ -24,7 +24,7 @@ from hpcft.train.loop import FlopsModel, plan_steps
 from hpcft.prepare import is_seq2seq, load_tokenizer
 from hpcft.train.model import apply_activation_checkpointing, apply_lora, block_classes, count_params, load_model
 from hpcft.train.parallel import apply_strategy
-from hpcft.train.precision import Precision, resolve_precision
+from hpcft.train.precision import Precision, apply_tf32, resolve_precision
 from hpcft.worldplan import SavedRun, adapt, read_saved
 
 
@@ -127,7 +127,8 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
         data = build_data(cfg, rt, paths)
     precision = resolve_precision(cfg.precision)
     low_cpu = cfg.strategy == "fsdp" and cfg.low_cpu_fsdp and rt.env.distributed
-    model = load_model(cfg, seq2seq=data.seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main)
+    model = load_model(cfg, seq2seq=data.seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main,
+                       device=rt.device)
     if cfg.use_peft:
         model = apply_lora(model, cfg, seq2seq=data.seq2seq)
     if cfg.activation_checkpointing:
@@ -145,7 +146,11 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
         state = load_checkpoint(engine, resume.path, rt, saved=resume.saved)
         print0(rt, f"hpcft.train: resumed from {resume.path} at step {state.step} (epoch {state.epoch}, "
                    f"global sample {state.samples_in_epoch}); {resume.adaptation}")
-    peak, peak_source = peak_flops(cfg.peak_tflops, rt.device, precision.autocast_dtype or precision.param_dtype)
+    tf32 = apply_tf32(cfg.precision, cfg.tf32, rt.device)
+    if tf32:
+        print0(rt, "hpcft.train: TF32 matmuls on (precision fp32 on CUDA; tf32: false keeps exact fp32)")
+    peak, peak_source = peak_flops(cfg.peak_tflops, rt.device, precision.autocast_dtype or precision.param_dtype,
+                                   tf32=tf32)
     flops = FlopsModel(n_params, n_layers, hidden, peak, peak_source)
     return Session(cfg, rt, paths, data, precision, engine, n_params, n_trainable, flops, state,
                    resume.path if resume else None, resume.adaptation if resume else None)
