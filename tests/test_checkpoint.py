@@ -104,3 +104,36 @@ def test_checkpoint_records_the_shape_a_resume_on_another_world_needs(tmp_path):
                            shape=SHAPE)
     assert read_saved(path) == SavedRun(step=4, epoch=1, samples_in_epoch=64, world_size=1, micro_batch=16, accum=1,
                                         total_steps=20, strategy="ddp", use_peft=False)
+
+
+def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_path, monkeypatch):
+    """train.async_checkpoint: the save returns once the state is staged; training may change the weights
+    at once and the checkpoint still holds the staged values; it is renamed only when written, and a
+    crash before that (here: the finisher stalled, then the process 'dies') leaves the previous one."""
+    import time
+
+    from hpcft.train.checkpoint import AsyncCheckpointer
+
+    paths = RunPaths(tmp_path / "run")
+    e = make_engine()
+    background = AsyncCheckpointer(RT)
+    train_steps(e, 2)
+    staged = {k: v.clone() for k, v in e.model.state_dict().items()}
+    save_checkpoint(e, TrainerState(step=2), paths, RT, keep=2, shape=SHAPE, background=background)
+    train_steps(e, 3)  # training goes on while the checkpoint is written
+    background.wait()
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step-00000002"]
+    restored = make_engine(seed=9)
+    load_checkpoint(restored, find_resume("auto", paths), RT, saved=read_saved(find_resume("auto", paths)))
+    for k, v in restored.model.state_dict().items():
+        assert torch.equal(v, staged[k]), k  # the values at the save, not the ones trained after it
+    monkeypatch.setenv("HPCFT_FAULT_SAVE_DELAY", "3:30")  # the finisher stalls before the rename
+    save_checkpoint(e, TrainerState(step=3), paths, RT, keep=2, shape=SHAPE, background=background)
+    time.sleep(1.0)
+    assert (paths.checkpoints / "step-00000003.tmp" / "dcp" / ".metadata").is_file()  # written, not published
+    assert find_resume("auto", paths).name == "step-00000002"  # a crash now costs nothing complete
+
+
+def test_async_checkpoint_is_refused_for_zero():
+    with pytest.raises(SpecError, match="train.async_checkpoint: covers ddp and fsdp"):
+        TrainConfig(strategy="zero3", async_checkpoint=True).validate()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,28 +69,85 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *, keep: int, shape: RunShape) -> Path:
+def save_checkpoint(engine, state: TrainerState, paths: RunPaths, rt: Runtime, *, keep: int, shape: RunShape,
+                    background: "AsyncCheckpointer | None" = None) -> Path:
+    """Write step-N.tmp/ and rename it to step-N/ once every rank's part is on disk. With `background`
+    (train.async_checkpoint, ddp/fsdp) the engine state is copied to host memory here and written by a
+    background thread while training goes on; the rename happens when that write is complete."""
     final = paths.checkpoint(state.step)
     tmp = final.tmp
+    if background is not None:
+        background.wait()  # one save in flight: the previous one is complete (and renamed) first
     if rt.is_main:
         shutil.rmtree(tmp.dir, ignore_errors=True)
         tmp.dir.mkdir(parents=True)
     barrier(rt)
-    engine.save(tmp, is_main=rt.is_main)
+    saved = SavedRun(**asdict(state), **asdict(shape)).to_json()
     torch.save(_rng_state(), tmp.rng(rt.env.rank))
+    if background is not None:
+        # Every rank has written its RNG file before it joins the save's collectives, so the write's
+        # completion on rank 0 means the whole checkpoint is on disk.
+        background.start(engine, tmp, final, saved, paths, rt, keep=keep, step=state.step)
+        return final.dir
+    engine.save(tmp, is_main=rt.is_main)
     _fault_delay(state.step)
     barrier(rt)  # every rank's shards are on disk before the checkpoint is declared complete
     if rt.is_main:
-        tmp.state.write_text(SavedRun(**asdict(state), **asdict(shape)).to_json())
-        _fsync_dir(tmp.dir)
-        if final.dir.exists():
-            shutil.rmtree(final.dir)
-        os.replace(tmp.dir, final.dir)
-        _fsync_dir(final.dir.parent)
-        for old in sorted(complete_checkpoints(paths), key=lambda c: c.step)[:-keep]:
-            shutil.rmtree(old.dir, ignore_errors=True)
+        _publish(tmp, final, saved, paths, keep)
     barrier(rt)
     return final.dir
+
+
+def _publish(tmp: CheckpointPaths, final: CheckpointPaths, saved: str, paths: RunPaths, keep: int) -> None:
+    """Rank 0: the state file last, then the atomic rename, then the oldest beyond `keep` go."""
+    tmp.state.write_text(saved)
+    _fsync_dir(tmp.dir)
+    if final.dir.exists():
+        shutil.rmtree(final.dir)
+    os.replace(tmp.dir, final.dir)
+    _fsync_dir(final.dir.parent)
+    for old in sorted(complete_checkpoints(paths), key=lambda c: c.step)[:-keep]:
+        shutil.rmtree(old.dir, ignore_errors=True)
+
+
+class AsyncCheckpointer:
+    """train.async_checkpoint: DCP's async save on a gloo group of its own (its collectives run in a
+    background thread and must not interleave with training's), at most one save in flight. Rank 0's
+    finisher thread waits for the write, then publishes the checkpoint (state file, rename, pruning);
+    a crash before that leaves step-N.tmp/, and resume takes the last complete one."""
+
+    def __init__(self, rt: Runtime):
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._future = None
+        self._finisher: threading.Thread | None = None
+        self._error: list[BaseException] = []
+
+    def start(self, engine, tmp: CheckpointPaths, final: CheckpointPaths, saved: str, paths: RunPaths, rt: Runtime,
+              *, keep: int, step: int) -> None:
+        self._future = engine.save_async(tmp, is_main=rt.is_main, group=self.group)
+        if rt.is_main:
+            self._finisher = threading.Thread(target=self._finish, args=(self._future, tmp, final, saved, paths, keep, step),
+                                              name="hpcft-checkpoint", daemon=True)
+            self._finisher.start()
+
+    def _finish(self, future, tmp, final, saved, paths, keep, step) -> None:
+        try:
+            future.result()
+            _fault_delay(step)
+            _publish(tmp, final, saved, paths, keep)
+        except BaseException as exc:  # noqa: BLE001 - reported by wait() in the training thread
+            self._error.append(exc)
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and published; its error, if any, raised here."""
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        if self._finisher is not None:
+            self._finisher.join()
+            self._finisher = None
+        if self._error:
+            raise RuntimeError(f"the background checkpoint failed: {self._error.pop()}")
 
 
 def _fault_delay(step: int) -> None:

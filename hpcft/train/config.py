@@ -85,6 +85,7 @@ class TrainConfig:
     save_model: bool = True  # save the final model (HF format, or the PEFT adapter) in the run directory
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of the run)
     keep_checkpoints: int = 2  # newest complete checkpoints kept per run
+    async_checkpoint: bool = False  # ddp/fsdp: stage checkpoints in host memory and write them while training goes on
     resume: str = "auto"  # auto: this run's newest complete checkpoint (requeue); latest: any run of this job name; never; or a path
     max_steps_this_run: int = 0  # stop (with a checkpoint) after this many steps of this run; the schedule is unchanged
     peak_tflops: float | None = None  # per-rank peak for MFU; default: known GPU by name, or measured on CPU
@@ -140,6 +141,9 @@ class TrainConfig:
             bad("offload_params", f"parameter offload needs strategy zero3 (got {self.strategy})")
         if self.offload_optimizer and not self.strategy.startswith("zero"):
             bad("offload_optimizer", f"optimizer offload needs a zero strategy (got {self.strategy})")
+        if self.async_checkpoint and self.strategy.startswith("zero"):
+            bad("async_checkpoint", f"covers ddp and fsdp (DCP's async save); {self.strategy} writes DeepSpeed's own "
+                                    "checkpoints synchronously: set it false or use fsdp")
         if self.deepspeed_config and not self.strategy.startswith("zero"):
             bad("deepspeed_config", f"is only read by the zero strategies (got {self.strategy})")
         if self.use_peft and not self.lora_target_modules:

@@ -61,15 +61,26 @@ class TorchEngine:
 
         return StateDictOptions(ignore_frozen_params=self.peft, **kw)
 
-    def save(self, ckpt: CheckpointPaths, *, is_main: bool) -> None:
-        import torch.distributed.checkpoint as dcp
+    def _state(self, ckpt: CheckpointPaths, is_main: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(self.model, self.optimizer, options=self._options())
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt.dcp))
         if is_main:
             extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
             torch.save(extra, ckpt.engine_extra)
+        msd, osd = get_state_dict(self.model, self.optimizer, options=self._options())
+        return {"model": msd, "optim": osd}
+
+    def save(self, ckpt: CheckpointPaths, *, is_main: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(ckpt, is_main), checkpoint_id=str(ckpt.dcp))
+
+    def save_async(self, ckpt: CheckpointPaths, *, is_main: bool, group=None):
+        """DCP's async save: the state is staged in host memory before this returns (training may then
+        change the weights), and written by a background thread; returns its future."""
+        import torch.distributed.checkpoint as dcp
+
+        return dcp.async_save(self._state(ckpt, is_main), checkpoint_id=str(ckpt.dcp), process_group=group)
 
     def load(self, ckpt: CheckpointPaths) -> None:
         """DCP reshards on load: any saved world size works."""

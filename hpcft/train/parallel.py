@@ -18,6 +18,7 @@ from hpcft.train.flops import model_shape
 from hpcft.train.model import is_quantized
 from hpcft.train.optim import build_optimizer
 from hpcft.train.precision import resolve_precision
+from hpcft.train.zero_patches import patch_fp32_partitions
 
 
 def _torch_engine(model: nn.Module, hf_model: nn.Module, cfg: TrainConfig, rt: Runtime, total_steps: int):
@@ -144,6 +145,9 @@ def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
     stage = int(cfg.strategy[-1])
     conf = deepspeed_config(cfg, rt, stage, hidden_size=model_shape(model.config)[1])
     deepspeed.init_distributed(dist_backend=rt.backend)
+    if stage == 3 and patch_fp32_partitions() and rt.is_main:
+        print("hpcft.zero: ZeRO-3 reuses fp32 partitions as its fp32 master copy (DeepSpeed compares a device with "
+              "a string there and would keep a second copy; hpcft.train.zero_patches)", flush=True)
     model = model.to(rt.device)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from hpcft.distenv import RUN_DIR_VAR, SAMPLE_LOG_VAR, collect_dist_env, collect_slurm_env, nccl_report
 from hpcft.paths import RunPaths, local_run_dir
 from hpcft.rankstats import rank_summary
-from hpcft.train.checkpoint import TrainerState, save_checkpoint
+from hpcft.train.checkpoint import AsyncCheckpointer, TrainerState, save_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime, barrier, cleanup, print0, setup_distributed
 from hpcft.train.flops import peak_memory_bytes
@@ -175,10 +175,13 @@ def evaluate_session(s: Session, metrics: MetricsWriter, when: str, beat: Progre
 
 def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: Progress) -> TrainResult:
     """The training loop from s.state, with periodic checkpoints and one at the end of this run."""
+    background = AsyncCheckpointer(s.rt) if s.cfg.async_checkpoint else None
+
     def save(st: TrainerState) -> None:
         beat.phase("checkpoint")
-        path = save_checkpoint(s.engine, st, s.paths, s.rt, keep=s.cfg.keep_checkpoints, shape=s.shape)
-        print0(s.rt, f"hpcft.train: checkpoint {path}")
+        path = save_checkpoint(s.engine, st, s.paths, s.rt, keep=s.cfg.keep_checkpoints, shape=s.shape,
+                               background=background)
+        print0(s.rt, f"hpcft.train: checkpoint {path}" + (" (writing in the background)" if background else ""))
 
     progress = ProgressDisplay(s.data.total_steps, enabled=s.rt.is_main, start=s.state.step)
     sample_log = SampleLog(s.paths.sample_ids(s.rt.env.rank)) if os.environ.get(SAMPLE_LOG_VAR) == "1" else None
@@ -191,6 +194,9 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: P
         sample_log.close()
     if result.steps_this_run:
         save(s.state)
+    if background is not None:
+        beat.phase("checkpoint")
+        background.wait()  # the last checkpoint is complete before eval, export, a requeue or the exit
     return result
 
 

@@ -170,10 +170,12 @@ def test_twenty_jobs_at_once_get_distinct_ports_and_no_cross_talk(cluster, tiny_
     assert len(ports) == 20
 
 
-def test_killed_mid_checkpoint_resumes_from_the_last_complete_one(cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_killed_mid_checkpoint_resumes_from_the_last_complete_one(cluster, tiny_model, tmp_path, background):
     """Saves from step 20 on stall half-written (fault injection); the job is killed with SIGKILL
-    there. The next job of the same name resumes from step 10, the last complete checkpoint."""
-    train = {**LONG, "save_every": 10, "max_train_step": 40}
+    there. The next job of the same name resumes from step 10, the last complete checkpoint. With
+    async_checkpoint the stall is in the background writer: training goes on past step 20 meanwhile."""
+    train = {**LONG, "save_every": 10, "max_train_step": 40, "async_checkpoint": background}
     job_id, run_dir = submit(tmp_path, tiny_model, "atomic", train=train, launch={"signal_lead_s": 0},
                              env={"HPCFT_FAULT_SAVE_DELAY": "20:120"})
     half = run_dir / "checkpoints" / "step-00000020.tmp"
@@ -181,6 +183,8 @@ def test_killed_mid_checkpoint_resumes_from_the_last_complete_one(cluster, tiny_
     while not half.exists() and time.monotonic() - start < 300:
         time.sleep(0.2)
     assert half.exists() and (run_dir / "checkpoints" / "step-00000010").is_dir()
+    if background:
+        wait_for_step(run_dir / "metrics.jsonl", 23, timeout_s=120)  # training did not wait for the save
     time.sleep(1)  # let the ranks get into the half-written state, then kill everything at once
     assert run(["scancel", "--signal=KILL", "--full", job_id]).returncode == 0
     assert wait_for(job_id, poll_s=0.5, timeout_s=120).state in ("CANCELLED", "FAILED")
