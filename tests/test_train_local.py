@@ -102,3 +102,32 @@ def test_memory_saving_options_train_the_same_model(tmp_path, tiny_model, ddp_re
     _, summary, _ = run_train(tmp_path, tiny_model, sys.executable, *TORCHRUN2, extra=["--max_train_step=4", *flags])
     assert summary["eval_loss_after"] == pytest.approx(ddp_reference["eval_loss_after"], abs=1e-4)
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+
+
+def test_compile_with_fsdp_lora_and_activation_checkpointing_trains_the_same(tmp_path, tiny_model):
+    """train.compile: each transformer block torch.compile'd (regional) under FSDP2, with LoRA and
+    activation checkpointing: the same first loss as eager (1e-5) and later ones within 1e-3 (compiled
+    kernels fuse and reorder sums; the differences grow with the updates: ~2e-4 seen)."""
+    flags = ["--max_train_step=4", "--strategy=fsdp", "--use_peft=true", "--activation_checkpointing=true",
+             "--run_validation=false", "--save_model=false"]
+    eager_dir, _, _ = run_train(tmp_path / "eager", tiny_model, sys.executable, *TORCHRUN2, extra=flags)
+    compiled_dir, _, proc = run_train(tmp_path / "compiled", tiny_model, sys.executable, *TORCHRUN2,
+                                      extra=[*flags, "--compile=true"])
+    assert "torch.compile on 4 transformer block(s)" in proc.stdout
+
+    def losses(run_dir):
+        return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    eager, compiled = losses(eager_dir), losses(compiled_dir)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_compile_is_refused_where_it_cannot_work():
+    from hpcft.errors import SpecError
+    from hpcft.train.config import TrainConfig
+
+    with pytest.raises(SpecError, match="train.compile: works with ddp and fsdp; zero3"):
+        TrainConfig(strategy="zero3", compile=True).validate()
+    with pytest.raises(SpecError, match="train.compile: does not compile 4bit"):
+        TrainConfig(compile=True, use_peft=True, quantization="4bit").validate()

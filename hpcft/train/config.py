@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling), pure_bf16 (weights in bf16)
     tf32: bool | None = None  # CUDA: TF32 tensor-core matmuls for fp32 work; default on for precision fp32 (false: exact)
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    compile: bool = False  # torch.compile each transformer block (regional); ddp and fsdp, with LoRA and checkpointing
     attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (use_fast_kernels in llama-recipes)
     batching_strategy: str = "padding"  # padding (one example per row) or packing (several examples per row)
     packing_mode: str = "isolated"  # packing: isolated (whole examples per row, positions restart and attention
@@ -141,6 +142,11 @@ class TrainConfig:
             bad("offload_params", f"parameter offload needs strategy zero3 (got {self.strategy})")
         if self.offload_optimizer and not self.strategy.startswith("zero"):
             bad("offload_optimizer", f"optimizer offload needs a zero strategy (got {self.strategy})")
+        if self.compile and self.strategy.startswith("zero"):
+            bad("compile", f"works with ddp and fsdp; {self.strategy} (DeepSpeed) partitions and hooks the parameters "
+                           "under the compiled graphs: use strategy fsdp (FULL_SHARD is ZeRO-3's layout) or compile: false")
+        if self.compile and self.quantization:
+            bad("compile", f"does not compile {self.quantization} bitsandbytes layers; drop quantization or compile")
         if self.async_checkpoint and self.strategy.startswith("zero"):
             bad("async_checkpoint", f"covers ddp and fsdp (DCP's async save); {self.strategy} writes DeepSpeed's own "
                                     "checkpoints synchronously: set it false or use fsdp")

@@ -85,9 +85,25 @@ _LINEAR_HINT = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj",
 def apply_activation_checkpointing(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.use_cache = False
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers 5's name; the older one warns there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the graph
+
+
+def apply_compile(model: nn.Module, blocks: set[type]) -> int:
+    """Regional compilation, as torchtitan does it: torch.compile each transformer block (the model's
+    _no_split_modules) rather than the whole model: blocks share one compiled graph, compile time stays
+    that of one block, and FSDP's per-block units and activation checkpointing wrap compiled code.
+    Returns the number of blocks compiled."""
+    n = 0
+    for module in model.modules():
+        if type(module) in blocks:
+            module.compile(dynamic=True)  # batches vary in length: one dynamic graph, not a recompile per shape
+            n += 1
+    return n
 
 
 def block_classes(model: nn.Module) -> set[type]:

@@ -22,7 +22,8 @@ from hpcft.train.dist import Runtime, print0
 from hpcft.train.flops import model_shape, peak_flops
 from hpcft.train.loop import FlopsModel, plan_steps
 from hpcft.prepare import is_seq2seq, load_tokenizer
-from hpcft.train.model import apply_activation_checkpointing, apply_lora, block_classes, count_params, load_model
+from hpcft.train.model import (apply_activation_checkpointing, apply_compile, apply_lora, block_classes, count_params,
+                               load_model)
 from hpcft.train.parallel import apply_strategy
 from hpcft.train.precision import Precision, apply_tf32, resolve_precision
 from hpcft.worldplan import SavedRun, adapt, read_saved
@@ -133,6 +134,9 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
         model = apply_lora(model, cfg, seq2seq=data.seq2seq)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.compile:
+        compiled = apply_compile(model, block_classes(model))
+        print0(rt, f"hpcft.train: torch.compile on {compiled} transformer block(s) (regional; the first steps compile)")
     n_params, n_trainable = count_params(model)
     full_state = model.state_dict() if low_cpu and rt.is_main else None
     n_layers, hidden = model_shape(model.config)
