@@ -28,6 +28,7 @@ SLURM_TABLE: dict[str, tuple[str, ...]] = {
     "tasks_per_node": ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"),
     "gpus_on_node": ("SLURM_GPUS_ON_NODE",),
     "gpus_per_node": ("SLURM_GPUS_PER_NODE",),
+    "gpus_per_task": ("SLURM_GPUS_PER_TASK",),
     "step_gpus": ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"),
     "cpus_per_task": ("SLURM_CPUS_PER_TASK",),
     "cpus_on_node": ("SLURM_CPUS_ON_NODE",),
@@ -72,6 +73,11 @@ HPCFT_TABLE: dict[str, str] = {
     FAULT_SLOW_VAR: "fault injection for tests, RANK:SECONDS: that rank sleeps SECONDS in the forward phase of "
                     "every optimizer step, a straggler the step statistics must name",
 }
+
+# Per-task GPU requests (salloc --ntasks-per-node=4 --gpus-per-task=1) that srun reads back from the
+# environment as its own options: the one launcher per node would get one GPU. The launch paths drop them
+# and ask for the node's GPUs instead (SlurmEnv.node_launcher_gres).
+PER_TASK_GPU_VARS = ("SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK")
 
 # `accelerate launch` always sets this one: how the entrypoint tells it launched the ranks.
 ACCELERATE_LAUNCH_VAR = "ACCELERATE_MIXED_PRECISION"
@@ -160,6 +166,20 @@ class SlurmEnv:
     gpus_on_node: int | None
     cpus_per_task: int | None
     restart_count: int
+    node_tasks: int = 1  # the fewest tasks the job has on any node (SLURM_TASKS_PER_NODE "4(x2),3" -> 3)
+    gpus_per_task: int | None = None  # the job asked per task (--gpus-per-task=[type:]N)
+
+    @property
+    def node_launcher_gres(self) -> str | None:
+        """A per-task GPU request turned into the node's GPUs for its one launcher (srun would give it one
+        task's worth; Slurm refuses a larger per-task count for a step, so it is asked per node)."""
+        return f"gpu:{self.gpus_per_task * self.node_tasks}" if self.gpus_per_task else None
+
+    @property
+    def node_launcher_cpus(self) -> int | None:
+        """CPUs for the one launcher per node: all the job's tasks' CPUs there, however they were asked
+        for (--ntasks-per-node=4 --cpus-per-task=8 -> 32)."""
+        return self.cpus_per_task * self.node_tasks if self.cpus_per_task else None
 
     @property
     def in_job(self) -> bool:
@@ -194,7 +214,15 @@ def collect_slurm_env(env: Mapping[str, str] | None = None) -> SlurmEnv:
         gpus_on_node=gpus,
         cpus_per_task=_int(v["cpus_per_task"], 0) or None,
         restart_count=_int(v["restart_count"], 0),
+        node_tasks=min_tasks_per_node(v["tasks_per_node"]),
+        gpus_per_task=_int((v["gpus_per_task"] or "").rpartition(":")[2], 0) or None,
     )
+
+
+def min_tasks_per_node(value: str | None) -> int:
+    """The smallest count in Slurm's compressed per-node task list ("4(x2),3", "1(x64)")."""
+    counts = [_int(part.split("(")[0], 1) for part in (value or "").split(",") if part.strip()]
+    return max(1, min(counts)) if counts else 1
 
 
 def _count_gpus(v: dict[str, str | None]) -> int | None:

@@ -14,8 +14,8 @@ from typing import Mapping
 
 import dataclasses
 
-from hpcft.distenv import (CPU_NODE_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv, collect_slurm_env,
-                           nccl_env, plan_rendezvous)
+from hpcft.distenv import (CPU_NODE_VAR, PER_TASK_GPU_VARS, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv,
+                           collect_slurm_env, nccl_env, plan_rendezvous)
 from hpcft.errors import SpecError
 from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
                            port_free, publish_port, resolve_head)
@@ -136,8 +136,10 @@ def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable
     # --ntasks too: inside a step, srun would otherwise take that step's SLURM_NTASKS (1) from the env.
     n = slurm.job_num_nodes
     argv = ["srun", *SRUN_FLAGS, f"--nodes={n}", f"--ntasks={n}"]
-    if slurm.cpus_per_task:
-        argv.append(f"--cpus-per-task={slurm.cpus_per_task}")
+    if slurm.node_launcher_cpus:
+        argv.append(f"--cpus-per-task={slurm.node_launcher_cpus}")
+    if slurm.node_launcher_gres:
+        argv.append(f"--gres={slurm.node_launcher_gres}")  # with PER_TASK_GPU_VARS dropped from its env
     if slurm.in_step:
         # Inside an `srun --pty` shell the resources belong to that step; share them.
         argv.append("--overlap")
@@ -157,6 +159,8 @@ def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: 
     Path(base[RUN_DIR_VAR]).mkdir(parents=True, exist_ok=True)
     print(f"hpcft launch: run directory {base[RUN_DIR_VAR]}", flush=True)
     argv = srun_argv(slurm, command)
+    for name in PER_TASK_GPU_VARS:
+        base.pop(name, None)
     os.execvpe(argv[0], argv, base)
 
 

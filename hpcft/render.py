@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass
 
 from hpcft.launch import SRUN_FLAGS
-from hpcft.distenv import PYTHON_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
+from hpcft.distenv import PER_TASK_GPU_VARS, PYTHON_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
 from hpcft.paths import REQUEUE_MARKER, data_cache_dir, job_dir, slurm_output_pattern
 from hpcft.spec import Container, JobSpec
 
@@ -133,8 +133,17 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec", array: ArrayPlan
         f'echo "hpcft: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, run directory ${RUN_DIR_VAR}"',
         "",
         "# One launcher per node; it starts torchrun with one rank per GPU (per granted GPU on CPU nodes).",
+        "# It holds every GPU and CPU the job has on its node, however they were asked for: srun reads the",
+        "# job's task count and per-task GPUs back from the environment (sbatch --ntasks-per-node=4",
+        "# --gpus-per-task=1 would start four launchers of one GPU each).",
+        "node_tasks=$(printf '%s\\n' ${SLURM_TASKS_PER_NODE//,/ } | sed 's/(.*//' | sort -n | head -n 1)",
+        "node_cpus=$(( ${SLURM_CPUS_PER_TASK:-1} * node_tasks ))",
+        'node_gpus=""',
+        'if [ -n "${SLURM_GPUS_PER_TASK:-}" ]; then node_gpus=$(( ${SLURM_GPUS_PER_TASK##*:} * node_tasks )); fi',
+        f"unset {' '.join(PER_TASK_GPU_VARS)}",
     ]
-    srun = ["srun", *SRUN_FLAGS, '--nodes="$SLURM_JOB_NUM_NODES"', '--cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"']
+    srun = ["srun", *SRUN_FLAGS, '--nodes="$SLURM_JOB_NUM_NODES"', '--ntasks="$SLURM_JOB_NUM_NODES"',
+            '--cpus-per-task="$node_cpus"', '${node_gpus:+--gres=gpu:"$node_gpus"}']
     entry = [*TRAIN_MODULE, '"${args[@]}"'] if array is not None else [shlex.quote(a) for a in entry_command(spec)]
     launcher = ["-m", "hpcft.launch", "--node", "--", *entry, '"$@"']
     container = spec.launch.container

@@ -1,6 +1,6 @@
 import pytest
 
-from hpcft.distenv import collect_dist_env, collect_slurm_env, plan_rendezvous, rdzv_port_for
+from hpcft.distenv import collect_dist_env, collect_slurm_env, min_tasks_per_node, plan_rendezvous, rdzv_port_for
 from hpcft.hostlist import expand_hostlist
 from hpcft.launch import rank_threads, srun_argv, torchrun_argv
 
@@ -122,3 +122,33 @@ def test_node_launcher_on_a_cpu_node_needs_no_torch():
         assert out.endswith("True")
     else:
         assert out == "(False, 0) False"
+
+
+@pytest.mark.parametrize("tasks_per_node, cpus, node_cpus", [
+    ("1(x2)", "16", 16),  # hpcft's own request: one task per node with all the CPUs
+    ("4(x2)", "8", 32),  # --ntasks-per-node=4 --cpus-per-task=8: the launcher holds all four tasks' CPUs
+    ("4(x1),3", "2", 6),  # uneven nodes: what the smallest node has, or srun cannot place the step
+    ("2", None, None),  # no --cpus-per-task: srun's default
+])
+def test_one_launcher_per_node_holds_the_nodes_cpus(tasks_per_node, cpus, node_cpus):
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_TASKS_PER_NODE": tasks_per_node, **({"SLURM_CPUS_PER_TASK": cpus} if cpus else {})}
+    slurm = collect_slurm_env(env)
+    assert slurm.node_launcher_cpus == node_cpus
+    argv = srun_argv(slurm, ["-m", "hpcft.train"])
+    assert "--nodes=2" in argv and "--ntasks=2" in argv and "--ntasks-per-node=1" in argv
+    assert (f"--cpus-per-task={node_cpus}" in argv) == (node_cpus is not None)
+    assert not any(a.startswith("--gres") for a in argv)
+
+
+@pytest.mark.parametrize("per_task, gres", [("1", "gpu:8"), ("a100:2", "gpu:16"), (None, None)])
+def test_a_per_task_gpu_request_becomes_the_launchers_node_gpus(per_task, gres):
+    """salloc --ntasks-per-node=8 --gpus-per-task=1: srun would give the node's one launcher one GPU."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_TASKS_PER_NODE": "8(x2)", **({"SLURM_GPUS_PER_TASK": per_task} if per_task else {})}
+    argv = srun_argv(collect_slurm_env(env), ["-m", "hpcft.train"])
+    assert [a for a in argv if a.startswith("--gres")] == ([f"--gres={gres}"] if gres else [])
+
+
+def test_min_tasks_per_node_reads_slurms_compressed_list():
+    assert [min_tasks_per_node(v) for v in ("1(x64)", "8,8,4(x2)", "", None, "x")] == [1, 4, 1, 1, 1]

@@ -1,4 +1,5 @@
 """Render goldens: whole texts compared; rewritten only with --update-goldens."""
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,8 +38,10 @@ def test_counts_written_once_and_launcher_reads_slurm():
     text = (ROOT / "slurm" / "multi_node.slurm").read_text()
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     assert "--nodes=\"$SLURM_JOB_NUM_NODES\"" in body
-    assert "gpus" not in body.lower() and "nnodes" not in body and "nproc" not in body
+    assert not re.search(r"gpus[-_a-z]*[=:]\s*\d", body.lower()) and "nnodes" not in body and "nproc" not in body
     assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in body
+    # A per-task GPU request srun would read back (one GPU for the node's launcher) is dropped first.
+    assert "unset SLURM_GPUS_PER_TASK SLURM_TRES_PER_TASK" in body
 
 
 def test_elastic_node_range_renders_slurms_own_range(update_goldens):
@@ -48,7 +51,8 @@ def test_elastic_node_range_renders_slurms_own_range(update_goldens):
     check_golden(GOLDEN / "elastic_nodes.sbatch", text, update_goldens)
     assert "#SBATCH --nodes=2-4\n" in text
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    assert "--nodes=\"$SLURM_JOB_NUM_NODES\"" in body and "--ntasks" not in body.replace("--ntasks-per-node", "")
+    assert "--nodes=\"$SLURM_JOB_NUM_NODES\"" in body and "--ntasks=\"$SLURM_JOB_NUM_NODES\"" in body
+    assert not re.search(r"--n(odes|tasks)=\d", body)
 
 
 def test_prepare_job_render_matches_golden_and_passes_shellcheck(update_goldens):

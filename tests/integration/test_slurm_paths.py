@@ -38,21 +38,28 @@ def test_submit_submitit_backend(cluster, tiny_model, tmp_path):
 
 
 def test_sbatch_checked_in_multi_node_script(cluster, tiny_model, tmp_path):
+    """Asked for the way many guides ask (a task per rank), the script still starts one launcher per
+    node: srun would otherwise read the job's task count back from the environment and start two
+    launchers per node. (The per-task GPU request is the salloc case below.)"""
     (tmp_path / "runs").mkdir()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("HPCFT_PYTHON", None)
-    proc = run(["sbatch", "--parsable", "--wait", "--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2",
-                str(ROOT / "slurm/multi_node.slurm"), f"--model_name={tiny_model}",
+    proc = run(["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2",
+                "--cpus-per-task=1", str(ROOT / "slurm/multi_node.slurm"), f"--model_name={tiny_model}",
                 f"--data_path={ROOT / 'data/samsum_tiny.jsonl'}", *TRAIN_FLAGS], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     check_run(tmp_path / "runs" / "hpcft" / job_id, 4)
+    out = (tmp_path / "runs" / f"slurm-{job_id}.out").read_text()
+    assert out.count("hpcft.launch: node") == 2 and out.count("starts 2 CPU ranks") == 2, out[-3000:]
 
 
-@pytest.mark.parametrize("inside_step", [False, True], ids=["salloc", "srun-shell"])
+@pytest.mark.parametrize("inside_step", [False, True], ids=["salloc-per-task", "srun-shell"])
 def test_salloc_then_hpcft_launch(cluster, tiny_model, tmp_path, inside_step):
     step = ["srun", "--nodes=1", "--ntasks=1"] if inside_step else []
-    proc = run(["salloc", "--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2", *step,
+    # salloc asked per task (2 tasks of a GPU each per node), or per node from an srun --pty shell.
+    gpus = ["--gpus-per-node=2", "--cpus-per-task=2"] if inside_step else ["--ntasks-per-node=2", "--gpus-per-task=1"]
+    proc = run(["salloc", "--nodes=2", *gpus, *step,
                 *HPCFT, "launch", "--output-dir", str(tmp_path / "runs"), "--",
                 "-m", "hpcft.train", f"--model_name={tiny_model}", f"--data_path={ROOT / 'data/samsum_tiny.jsonl'}",
                 *TRAIN_FLAGS], cwd=tmp_path)
