@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from hpcft.dataformat import PROMPT_FORMS, chat_template_text, check_chat_templa
 from hpcft.datasource import describe, eval_split, load_splits, train_split
 from hpcft.encode import encode_batch
 from hpcft.errors import SpecError
+from hpcft.memstat import PrivateMemoryPeak
 from hpcft.paths import DataCachePaths
 
 MIN_ROWS_PER_PROC = 2000  # below this, another tokenizing process costs more than it saves
@@ -176,61 +176,6 @@ def tokenize_source(cfg, path: str | None, field: str, *, seq2seq: bool, num_pro
     return meta
 
 
-class PrivateMemoryPeak:
-    """Peak private (anonymous) memory of this process and of each worker it forks, sampled twice a
-    second while tokenizing: what a prepare job's prepare.mem must hold. Pages of the memory-mapped
-    Arrow files are left out (the kernel drops them under pressure; VmHWM would count them)."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.process, self.workers = interval, 0, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hpcft-memory", daemon=True)
-
-    def __enter__(self) -> "PrivateMemoryPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> None:
-        self.process = max(self.process, _private_mib(os.getpid()))
-        for pid in _children(os.getpid()):
-            self.workers[pid] = max(self.workers.get(pid, 0), _private_mib(pid))
-
-    def report(self) -> dict:
-        out = {"process": self.process}
-        if self.workers:
-            out |= {"workers": len(self.workers), "largest_worker": max(self.workers.values())}
-        return out
-
-
-def _private_mib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) // 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(x) for x in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def _total_tokens(ds) -> int:
     import pyarrow.compute as pc
 
@@ -291,7 +236,7 @@ def prepare(cfg, root: Path, *, num_proc: int = 0, log: Callable[[str], None] = 
     entries, built = [], False
     for field, path, key in _keys(cfg, cache, seq2seq):
         def build(staging: Path, field=field, path=path, key=key) -> dict:
-            with PrivateMemoryPeak() as memory:
+            with PrivateMemoryPeak(workers=True) as memory:
                 meta = tokenize_source(cfg, path, field, seq2seq=seq2seq, num_proc=num_proc, staging=staging,
                                        digest=key.digest, log=log)
             return {**meta, "private_memory_mib": memory.report()}

@@ -87,20 +87,51 @@ TORCHRUN2 = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"
 
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory, tiny_model):
-    _, summary, _ = run_train(tmp_path_factory.mktemp("ref"), tiny_model, sys.executable, *TORCHRUN2,
-                              extra=["--max_train_step=4"])
-    return summary
+    """Plain DDP, every rank reading the whole model: what each loading path must train the same as,
+    without and with LoRA (the adapters are drawn from hpcft's own generator on every path)."""
+    refs = {}
+
+    def get(lora: bool) -> dict:
+        if lora not in refs:
+            _, refs[lora], _ = run_train(tmp_path_factory.mktemp("ref"), tiny_model, sys.executable, *TORCHRUN2,
+                                         extra=["--max_train_step=4", f"--use_peft={str(lora).lower()}"])
+        return refs[lora]
+    return get
 
 
-@pytest.mark.parametrize("flags", [
-    ["--strategy=fsdp", "--low_cpu_fsdp=true"],
-    ["--strategy=zero3", "--offload_optimizer=true", "--offload_params=true"],
-], ids=["fsdp-low-cpu", "zero3-offload"])
-def test_memory_saving_options_train_the_same_model(tmp_path, tiny_model, ddp_reference, flags):
-    """low_cpu_fsdp (weights read on rank 0 only, broadcast after sharding) and ZeRO-3 with optimizer
-    and parameter offload (DeepSpeedCPUAdam) give the same eval loss as plain DDP."""
-    _, summary, _ = run_train(tmp_path, tiny_model, sys.executable, *TORCHRUN2, extra=["--max_train_step=4", *flags])
-    assert summary["eval_loss_after"] == pytest.approx(ddp_reference["eval_loss_after"], abs=1e-4)
+@pytest.fixture(scope="module")
+def bin_model(tmp_path_factory, tiny_model):
+    """The tiny model with its weights in a pytorch_model.bin: no safetensors to read shards from."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("models") / "tiny-llama-bin"
+    shutil.copytree(tiny_model, out)
+    torch.save(load_file(out / "model.safetensors"), out / "pytorch_model.bin")
+    (out / "model.safetensors").unlink()
+    return out
+
+
+@pytest.mark.parametrize("flags, lora, bin_weights, mode", [
+    (["--strategy=fsdp"], False, False, "sharded"),
+    (["--strategy=fsdp"], True, False, "sharded"),
+    (["--strategy=fsdp"], True, True, "rank0"),
+    (["--strategy=zero3", "--offload_optimizer=true", "--offload_params=true"], True, False, "zero_init"),
+    (["--strategy=zero3"], False, True, "zero_hf"),
+], ids=["fsdp-sharded", "fsdp-sharded-lora", "fsdp-bin-rank0-lora", "zero3-init-offload-lora", "zero3-bin-hf"])
+def test_weight_loading_paths_train_the_same_model(tmp_path, tiny_model, bin_model, ddp_reference, flags, lora,
+                                                   bin_weights, mode):
+    """Each way a rank gets the weights (hpcft.train.loading: its own shard or ZeRO-3 partition read from
+    the safetensors files; rank 0 broadcasting where there are none; transformers' ZeRO-3 loader), with
+    ZeRO-3 optimizer and parameter offload, gives the eval loss of plain DDP reading the whole model."""
+    model = bin_model if bin_weights else tiny_model
+    _, summary, _ = run_train(tmp_path, model, sys.executable, *TORCHRUN2,
+                              extra=["--max_train_step=4", f"--use_peft={str(lora).lower()}", *flags])
+    assert summary["weight_loading"]["mode"] == mode
+    assert summary["eval_loss_before"] == pytest.approx(ddp_reference(lora)["eval_loss_before"], abs=1e-5)
+    assert summary["eval_loss_after"] == pytest.approx(ddp_reference(lora)["eval_loss_after"], abs=1e-4)
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
 
 

@@ -47,7 +47,11 @@ class TrainConfig:
     model_type: str = "auto"  # causal (decoder-only) or seq2seq (BART-style); auto reads the model config
     strategy: str = "ddp"  # parallelism: ddp, fsdp, zero1, zero2, zero3 (DeepSpeed)
     sharding_strategy: str = "FULL_SHARD"  # fsdp: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD
-    low_cpu_fsdp: bool = False  # fsdp: rank 0 reads the weights, the others start empty and get them by broadcast
+    low_cpu_fsdp: bool | None = None  # fsdp: each rank reads only its shard of the weights (built on the meta
+    #   device); rank 0 reads and broadcasts where the safetensors files do not name every parameter. Default:
+    #   on when distributed; false: every rank reads the whole model first
+    zero3_init_flag: bool = True  # zero3: build the model under deepspeed.zero.Init (partitioned as it loads);
+    #   false: every rank reads the whole model first
     deepspeed_config: str | None = None  # zero*: a DeepSpeed JSON; default hpcft/configs/ds_zero<N>.json
     offload_optimizer: bool = False  # zero*: keep optimizer state in CPU memory (DeepSpeedCPUAdam)
     offload_params: bool = False  # zero3: keep parameters in CPU memory

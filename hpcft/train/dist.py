@@ -93,3 +93,11 @@ def cleanup() -> None:
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_per_rank(rt: Runtime, value: object) -> list:
+    if not dist.is_initialized():
+        return [value]
+    out: list = [None] * rt.env.world_size
+    dist.all_gather_object(out, value)
+    return out

@@ -2,6 +2,7 @@
 parallelism: LoRA adapters, activation checkpointing, dtype."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -36,19 +37,11 @@ def model_class(seq2seq: bool):
     return AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
 
 
-def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, empty: bool = False,
-               device: torch.device | None = None) -> nn.Module:
-    """from_pretrained(path); with empty=True the same architecture on the meta device (no weights
-    read: low_cpu_fsdp ranks other than 0 get theirs by broadcast). Quantized weights are placed on
-    this rank's GPU as they load (bitsandbytes models cannot be moved afterwards)."""
-    from transformers import AutoConfig
-
+def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
+    """from_pretrained(path), the whole model (hpcft.train.loading decides who calls it). Quantized weights
+    are placed on this rank's GPU as they load (bitsandbytes models cannot be moved afterwards)."""
     cls = model_class(seq2seq)
     kwargs: dict = {"attn_implementation": cfg.attn_implementation}
-    if empty:
-        config = AutoConfig.from_pretrained(cfg.model_name, local_files_only=True)
-        with torch.device("meta"):
-            return cls.from_config(config, dtype=dtype, **kwargs)
     if cfg.quantization:
         from transformers import BitsAndBytesConfig
 
@@ -77,6 +70,32 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, *, seq2seq: bool) -> nn.Modul
                         target_modules=list(cfg.lora_target_modules), bias="none",
                         task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM)
     return get_peft_model(model, config)
+
+
+ADAPTERS = (".lora_A.", ".lora_B.")
+
+
+def is_adapter(name: str) -> bool:
+    return any(a in name for a in ADAPTERS)
+
+
+def adapter_init(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's default LoRA initialisation (A Kaiming-uniform, B zeros: the adapter starts as a no-op),
+    drawn from hpcft's own generator so that every strategy and loading path starts from the same adapters."""
+    full = torch.empty(shape)
+    if ".lora_A." in name:
+        return nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+    return full.zero_()
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Every LoRA weight of a model with real parameters from adapter_init, in parameter order (the
+    order hpcft.train.loading fills a sharded model's adapters in)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if is_adapter(name):
+            param.copy_(adapter_init(name, param.shape, generator))
 
 
 _LINEAR_HINT = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
@@ -114,6 +133,10 @@ def block_classes(model: nn.Module) -> set[type]:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Whole-model counts, also of a ZeRO-3 partitioned model (whose tensors are empty: ds_numel)."""
+    def numel(p):
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return total, trainable

@@ -15,6 +15,7 @@ from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
 from hpcft.train.engine import TorchEngine, ZeroEngine
 from hpcft.train.flops import model_shape
+from hpcft.train.loading import WeightLoad, broadcast_from_rank0, materialize_sharded
 from hpcft.train.model import is_quantized
 from hpcft.train.optim import build_optimizer
 from hpcft.train.precision import resolve_precision
@@ -64,34 +65,39 @@ def mesh_groups(mesh) -> dict[str, list[int]]:
     return {name: sorted(dist.get_process_group_ranks(mesh.get_group(name))) for name in mesh.mesh_dim_names}
 
 
-def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
-               full_state: dict | None = None):
-    """FSDP2 (fully_shard) per transformer block, then the root. With low_cpu_fsdp the model arrives
-    on the meta device on ranks > 0 and gets rank 0's weights by broadcast after sharding."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def shard_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, blocks: set[type],
+               load: WeightLoad | None = None) -> nn.Module:
+    """FSDP2 (fully_shard) per transformer block, then the root, with the weights in place: a meta-device
+    model gets each rank's rows from the files (load.mode sharded) or rank 0's weights by broadcast (rank0);
+    a loaded one is moved to the device and sharded (full)."""
     from torch.distributed.fsdp import fully_shard
 
+    mode = load.mode if load is not None else "full"
     mesh = build_mesh(rt, cfg.sharding_strategy)
     reshard = cfg.sharding_strategy != "SHARD_GRAD_OP"
-    low_cpu = cfg.low_cpu_fsdp and rt.env.distributed
-    if not low_cpu:
+    if mode == "full":
         model = model.to(rt.device)
+    full_state = model.state_dict() if mode == "rank0" and rt.is_main else None  # rank 0's, before sharding
     for module in list(model.modules()):
         if type(module) in blocks:
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-    if low_cpu:
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if rt.is_main else {}
-        if not rt.is_main:
-            model.to_empty(device=rt.device)
-        set_model_state_dict(model, full_state if rt.is_main else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        # Non-persistent buffers (rotary frequencies) are in no state dict: send rank 0's.
-        for name, buf in model.named_buffers():
-            if rt.is_main:
-                buf.copy_(buffers[name])
-            dist.broadcast(buf.data, src=0)
+    if mode == "sharded":
+        materialize_sharded(model, load.weights, rt.device, cfg.seed)
+    elif mode == "rank0":
+        broadcast_from_rank0(model, full_state, rt)
+        del full_state
     print(f"hpcft.fsdp: rank {rt.env.rank} {cfg.sharding_strategy} mesh {json.dumps(mesh_groups(mesh))}", flush=True)
+    return model
+
+
+def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
+               load: WeightLoad | None = None):
+    """shard_fsdp unless the model came sharded, then the optimizer and engine."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        model = shard_fsdp(model, cfg=cfg, rt=rt, blocks=blocks, load=load)
     return _torch_engine(model, model, cfg, rt, total_steps)
 
 
@@ -148,7 +154,8 @@ def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
     if stage == 3 and patch_fp32_partitions() and rt.is_main:
         print("hpcft.zero: ZeRO-3 reuses fp32 partitions as its fp32 master copy (DeepSpeed compares a device with "
               "a string there and would keep a second copy; hpcft.train.zero_patches)", flush=True)
-    model = model.to(rt.device)
+    if not hasattr(next(model.parameters()), "ds_id"):  # zero.Init partitioned it as it loaded (hpcft.train.loading)
+        model = model.to(rt.device)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf,
                                            dist_init_required=False)
@@ -156,10 +163,10 @@ def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
 
 
 def apply_strategy(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
-                   full_state: dict | None = None):
+                   load: WeightLoad | None = None):
     """cfg.strategy's apply_* with the options it takes."""
     if cfg.strategy == "fsdp":
-        return apply_fsdp(model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks, full_state=full_state)
+        return apply_fsdp(model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks, load=load)
     if cfg.strategy == "ddp":
         return apply_ddp(model, cfg=cfg, rt=rt, total_steps=total_steps)
     return apply_zero(model, cfg=cfg, rt=rt, total_steps=total_steps)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from hpcft.paths import RunPaths, local_run_dir
 from hpcft.rankstats import rank_summary
 from hpcft.train.checkpoint import AsyncCheckpointer, TrainerState, save_checkpoint
 from hpcft.train.config import TrainConfig
-from hpcft.train.dist import Runtime, barrier, cleanup, print0, setup_distributed
+from hpcft.train.dist import Runtime, barrier, cleanup, gather_per_rank, print0, setup_distributed
 from hpcft.train.flops import peak_memory_bytes
 from hpcft.train.loop import SampleLog, TrainResult, evaluate, profiler_context, train
 from hpcft.train.metrics import MetricsWriter, ProgressDisplay, plot_metrics
@@ -47,14 +48,12 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def gather_per_rank(rt: Runtime, value: object) -> list:
-    if not dist.is_initialized():
-        return [value]
-    out: list = [None] * rt.env.world_size
-    dist.all_gather_object(out, value)
-    return out
+    # Deprecations inside DeepSpeed and transformers, not in anything the user wrote: DeepSpeed calls the
+    # old collective names on every ZeRO step, and its warning filters reset Python's once-per-place
+    # memory, so each call printed again (thousands of lines per rank per minute).
+    for old in ("torch.distributed.reduce_scatter_tensor", "torch.distributed.all_gather_into_tensor",
+                "is_gradient_checkpointing"):
+        warnings.filterwarnings("ignore", message=f"`{old}` is deprecated", category=FutureWarning)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -118,6 +117,7 @@ def _train_and_finish(s: Session, stop: StopRequest, beat: Progress) -> dict:
     summary.update(rank_summary(gather_per_rank(s.rt, {"rank": s.rt.env.rank, "host": socket.gethostname(),
                                                        **beat.stats()})))
     summary["peak_memory_bytes_per_rank"] = gather_per_rank(s.rt, peak_memory_bytes(s.rt.device))
+    summary["weight_loading"] = s.load_memory
     metrics.close()
     write_summary(s, summary)
     return summary

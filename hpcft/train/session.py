@@ -18,13 +18,15 @@ from hpcft.paths import RunPaths
 from hpcft.train.checkpoint import RunShape, TrainerState, agree_on_resume, load_checkpoint
 from hpcft.train.config import TrainConfig
 from hpcft.train.data import Splits, load_splits, make_eval_loader, make_loader, prepare_once
-from hpcft.train.dist import Runtime, print0
+from hpcft.train.dist import Runtime, gather_per_rank, print0
 from hpcft.train.flops import model_shape, peak_flops
 from hpcft.train.loop import FlopsModel, plan_steps
 from hpcft.prepare import is_seq2seq, load_tokenizer
+from hpcft.memstat import PrivateMemoryPeak, large_frees_returned, rss_mib
+from hpcft.train.loading import WEIGHT_MODES, load_weights, warm_imports
 from hpcft.train.model import (apply_activation_checkpointing, apply_compile, apply_lora, block_classes, count_params,
-                               load_model)
-from hpcft.train.parallel import apply_strategy
+                               init_adapters)
+from hpcft.train.parallel import apply_strategy, deepspeed_config, shard_fsdp
 from hpcft.train.precision import Precision, apply_tf32, resolve_precision
 from hpcft.worldplan import SavedRun, adapt, read_saved
 
@@ -59,6 +61,7 @@ class Session:
     state: TrainerState  # where training starts: fresh, or loaded from resume_from
     resume_from: Path | None
     adaptation: str | None  # how the resume was adapted to this world size (None: fresh start)
+    load_memory: dict | None = None  # load_memory_report: what loading the weights cost each rank
 
     @property
     def shape(self) -> RunShape:
@@ -127,22 +130,29 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
     if data is None or data.train_loader.batch_sampler.accum != cfg.gradient_accumulation_steps:
         data = build_data(cfg, rt, paths)
     precision = resolve_precision(cfg.precision)
-    low_cpu = cfg.strategy == "fsdp" and cfg.low_cpu_fsdp and rt.env.distributed
-    model = load_model(cfg, seq2seq=data.seq2seq, dtype=precision.param_dtype, empty=low_cpu and not rt.is_main,
-                       device=rt.device)
-    if cfg.use_peft:
-        model = apply_lora(model, cfg, seq2seq=data.seq2seq)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.compile:
-        compiled = apply_compile(model, block_classes(model))
-        print0(rt, f"hpcft.train: torch.compile on {compiled} transformer block(s) (regional; the first steps compile)")
-    n_params, n_trainable = count_params(model)
-    full_state = model.state_dict() if low_cpu and rt.is_main else None
-    n_layers, hidden = model_shape(model.config)
-    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=data.total_steps, blocks=block_classes(model),
-                            full_state=full_state)
-    del full_state, model
+    warm_imports(cfg)
+    with large_frees_returned(), PrivateMemoryPeak(interval=0.02, measure=rss_mib) as memory:  # what loading costs
+        loaded = load_weights(cfg, rt, seq2seq=data.seq2seq, dtype=precision.param_dtype,
+                              zero_config=zero3_config(cfg, rt) if cfg.strategy == "zero3" else None)
+        model = loaded.model
+        if cfg.use_peft:
+            model = apply_lora(model, cfg, seq2seq=data.seq2seq)
+            if loaded.mode != "sharded":  # a sharded model's adapters are drawn alike as its shards fill
+                init_adapters(model, cfg.seed)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.compile:
+            compiled = apply_compile(model, block_classes(model))
+            print0(rt, f"hpcft.train: torch.compile on {compiled} transformer block(s) (regional; the first steps "
+                       "compile)")
+        n_params, n_trainable = count_params(model)
+        n_layers, hidden = model_shape(model.config)
+        blocks = block_classes(model)
+        if cfg.strategy == "fsdp":
+            model = shard_fsdp(model, cfg=cfg, rt=rt, blocks=blocks, load=loaded)
+    load_memory = load_memory_report(rt, loaded.mode, memory, n_params * precision.param_dtype.itemsize)
+    engine = apply_strategy(model, cfg=cfg, rt=rt, total_steps=data.total_steps, blocks=blocks)
+    del loaded, model
     print0(rt, f"hpcft.train: {n_params:,} parameters, {n_trainable:,} trainable"
                f"{' (LoRA r=%d)' % cfg.lora_r if cfg.use_peft else ''}")
     state = TrainerState()
@@ -157,4 +167,24 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
                                    tf32=tf32)
     flops = FlopsModel(n_params, n_layers, hidden, peak, peak_source)
     return Session(cfg, rt, paths, data, precision, engine, n_params, n_trainable, flops, state,
-                   resume.path if resume else None, resume.adaptation if resume else None)
+                   resume.path if resume else None, resume.adaptation if resume else None, load_memory)
+
+
+def zero3_config(cfg: TrainConfig, rt: Runtime) -> dict:
+    """The DeepSpeed config apply_zero will use, for zero.Init to partition the model with as it loads."""
+    from transformers import AutoConfig
+
+    hidden = model_shape(AutoConfig.from_pretrained(cfg.model_name, local_files_only=True))[1]
+    return deepspeed_config(cfg, rt, 3, hidden_size=hidden)
+
+
+def load_memory_report(rt: Runtime, mode: str, memory: PrivateMemoryPeak, weight_bytes: int) -> dict:
+    """Each rank's peak resident memory (RSS: private and file pages) added while the weights loaded and
+    were sharded, against one copy of the weights; printed by rank 0 and kept for summary.json."""
+    added = gather_per_rank(rt, round(memory.added, 1))
+    one_copy = weight_bytes / 2**20
+    report = {"mode": mode, "weights_mib": round(one_copy, 1), "added_rss_mib_per_rank": added,
+              "sum_over_one_copy": round(sum(added) / one_copy, 2) if one_copy else None}
+    print0(rt, f"hpcft.train: weights {WEIGHT_MODES[mode]}; loading added {sum(added):,.0f} MiB of RSS "
+               f"over {len(added)} rank(s), {report['sum_over_one_copy']}x one copy of the weights ({one_copy:,.0f} MiB)")
+    return report
