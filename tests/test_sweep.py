@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import yaml
 
 from hpcft.errors import SpecError
 from hpcft.submit import dependency_args, parse_after

@@ -177,7 +177,7 @@ def test_chains_node_selection_and_a_taken_rendezvous_port(cluster, tiny_model, 
         assert proc.returncode == 0, proc.stdout[-3000:]
     assert "job" in proc.stdout and "COMPLETED" in proc.stdout and "eval loss" in proc.stdout  # the closing table
     a, b = job_info(first), job_info(second)
-    assert a.state == "COMPLETED" and a.reason == "node2"  # --exclude node1
+    assert a.state == b.state == "COMPLETED" and a.reason == "node2"  # --exclude node1
     out = (tmp_path / "runs" / f"slurm-{second}.out").read_text()
     assert f"the job id's port {rdzv_port_for(second)} is taken on node1" in out
     starts = [json.loads(p.read_text())["started"] for p in (tmp_path / "runs" / "second" / second).glob("rank-*.exit.json")]
