@@ -1,7 +1,7 @@
 """hpcft benchmarks: one command, every measure side by side in one run on this machine.
 
     bash bench/run.sh            # set-up, local cluster, the full run (~35 min on 2 cores), cluster down
-    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies,watchdog,data] [--results DIR]
+    python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies,watchdog,data,compile,checkpoint] [--results DIR]
 
 Prints a table and writes results.json, results.md and PNG plots (default bench/results/; --quick
 writes to artifacts/bench/quick/). Parts 3 (the 2-node case), 4 and 9 (data) need the local Slurm
@@ -10,15 +10,17 @@ cluster (envs/local-cluster.sh up) and SLURM_CONF in the environment. Not part o
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-from bench import data_scale, logtriage, memory, report, scaling, throughput, watchdog
+from bench import ckpt_stall, compiled, data_scale, logtriage, memory, report, scaling, throughput, watchdog
 from bench.common import ROOT, hpcft_run, median, prepare
 
-PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies", "watchdog", "data")
+PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies", "watchdog", "data", "compile",
+         "checkpoint")
 
 
 def machine() -> dict:
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"), help="runs, model, data, synthetic logs")
     ap.add_argument("--results", default=None, help="where results.json and plots go")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other parts' results already in the results directory (each part is still "
+                         "measured side by side within itself; the machine line records this run)")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
@@ -49,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results) if args.results else (work / "quick" if args.quick else ROOT / "bench" / "results")
     setup = prepare(work, quick=args.quick)
     r: dict = {"machine": machine(), "config": throughput.describe(setup), "quick": args.quick, "seconds": {}}
+    old = results_dir / "results.json"
+    if args.merge and old.exists():
+        kept = json.loads(old.read_text())
+        r = {**{k: v for k, v in kept.items() if k not in parts}, **r,
+             "seconds": {k: v for k, v in kept.get("seconds", {}).items() if k not in parts},
+             "failed": {k: v for k, v in kept.get("failed", {}).items() if k not in parts}}
+        r["machine_earlier"] = kept.get("machine")
+        if not r["failed"]:
+            del r["failed"]
 
     def part(name, fn):
         """Run one part; a failure is recorded and the others still run. results.json is rewritten
@@ -84,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     part("strategies", lambda: throughput.strategy_table(setup))
     part("watchdog", lambda: watchdog.watchdog_cost(setup))
     part("data", lambda: data_scale.data_scale(setup))
+    part("compile", lambda: compiled.compiled(setup, r.get("mfu", {}).get("peaks") or throughput.measure_peaks()))
+    part("checkpoint", lambda: ckpt_stall.checkpoint_stall(setup))
     files = report.write(r, results_dir)
     report.print_table(report.summary_rows(r))
     print("bench: wrote " + ", ".join(str(f) for f in files))

@@ -78,6 +78,27 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
                      "<= 1.01x", verdict(v["ratio"] <= 1.01)))
     if "data" in r:
         rows += data_rows(r["data"])
+    if "compile" in r:
+        v = r["compile"]
+        m = v["median"]
+        rows.append(("10 train.compile vs HF Trainer, same padded batches, fp32", f"{v['ratio']:.2f}x ({m['hpcft_compile']:,.0f} vs "
+                     f"{m['hf_trainer']:,.0f}); without compile {v['ratio_eager']:.2f}x", f">= {v['target']}x",
+                     verdict(v["ratio"] >= v["target"])))
+        rows.append(("10 CPU-MFU bf16 (packed), train.compile", f"{v['mfu']['bf16_compile']:.0%} ({v['bf16_compile_speedup']:.2f}x "
+                     f"eager's {v['mfu']['bf16_eager']:.0%})", f">= {v['mfu_target']:.0%}",
+                     verdict(v["mfu"]["bf16_compile"] >= v["mfu_target"])))
+    if "checkpoint" in r:
+        for row in r["checkpoint"]["rows"]:
+            a, b = row["async"], row["sync"]
+            rows.append((f"11 checkpoint, {row['strategy']}: training held up by a save, async vs sync",
+                         f"{row['blocked_ratio']:.2f}x ({a['blocked_s']:.2f} s vs {b['blocked_s']:.2f} s; the async "
+                         f"write took {a['write_s']:.2f} s; a step is {b['step_s']:.2f} s)", "smaller",
+                         verdict(row["blocked_ratio"] < 1)))
+            rows.append((f"11 checkpoint, {row['strategy']}: the step after a save, extra time, async vs sync",
+                         f"{row['stall_ratio']:.2f}x ({a['stall_s']:.2f} s vs {b['stall_s']:.2f} s)", "-", ""))
+            rows.append((f"11 checkpoint, {row['strategy']}: the run's extra wall time per save, async vs sync",
+                         f"{row['cost_ratio']:.2f}x ({a['cost_per_save_s']:.2f} s vs {b['cost_per_save_s']:.2f} s)",
+                         "-", ""))
     return rows
 
 

@@ -123,6 +123,8 @@ def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_pat
     train_steps(e, 3)  # training goes on while the checkpoint is written
     background.wait()
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step-00000002"]
+    (done,) = background.drain()  # what the run's metrics.jsonl records as checkpoint_written
+    assert done["step"] == 2 and done["write_s"] > 0 and background.drain() == []
     restored = make_engine(seed=9)
     load_checkpoint(restored, find_resume("auto", paths), RT, saved=read_saved(find_resume("auto", paths)))
     for k, v in restored.model.state_dict().items():

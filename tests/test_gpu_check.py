@@ -21,6 +21,8 @@ def test_the_harness_runs_its_cases_on_cpu_ranks(tmp_path):
                            "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [r["case"] for r in results] == ["ddp", "fsdp", "fsdp resume"] and all(r["ok"] for r in results)
-    assert "export reloads" in results[1]["detail"] and "resumed: losses within" in results[2]["detail"]
+    assert [r["case"] for r in results] == ["ddp", "fsdp", "fsdp resume", "ddp resume, async checkpoint"]
+    assert all(r["ok"] for r in results), results
+    assert "export reloads" in results[1]["detail"]
+    assert all("resumed: losses within" in r["detail"] for r in results[2:])
     assert (tmp_path / "results.md").read_text().startswith("GPU check on 2 CPU ranks (smoke)")

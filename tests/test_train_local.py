@@ -31,6 +31,8 @@ def test_single_process_trains_saves_and_reloads(tmp_path, tiny_model):
     # per-step non-pad token counts and window seconds: what bench/ computes throughput from
     assert all(x["tokens"] > 0 and abs(x["tokens"] / x["seconds"] - x["tokens_per_s"]) <= 0.01 * x["tokens_per_s"] + 1
                for x in lines if "loss" in x)
+    (saved,) = [x for x in lines if x.get("event") == "checkpoint"]  # the end-of-run save: what it blocked
+    assert saved["step"] == 12 and saved["mode"] == "sync" and saved["blocked_s"] > 0
     assert "ETA" in proc.stdout
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -121,20 +121,24 @@ class AsyncCheckpointer:
         self._future = None
         self._finisher: threading.Thread | None = None
         self._error: list[BaseException] = []
+        self._written: list[dict] = []  # rank 0: {"step", "write_s"} of each save published since drain()
 
     def start(self, engine, tmp: CheckpointPaths, final: CheckpointPaths, saved: str, paths: RunPaths, rt: Runtime,
               *, keep: int, step: int) -> None:
+        started = time.perf_counter()
         self._future = engine.save_async(tmp, is_main=rt.is_main, group=self.group)
         if rt.is_main:
-            self._finisher = threading.Thread(target=self._finish, args=(self._future, tmp, final, saved, paths, keep, step),
+            self._finisher = threading.Thread(target=self._finish,
+                                              args=(self._future, tmp, final, saved, paths, keep, step, started),
                                               name="hpcft-checkpoint", daemon=True)
             self._finisher.start()
 
-    def _finish(self, future, tmp, final, saved, paths, keep, step) -> None:
+    def _finish(self, future, tmp, final, saved, paths, keep, step, started) -> None:
         try:
             future.result()
             _fault_delay(step)
             _publish(tmp, final, saved, paths, keep)
+            self._written.append({"step": step, "write_s": round(time.perf_counter() - started, 4)})
         except BaseException as exc:  # noqa: BLE001 - reported by wait() in the training thread
             self._error.append(exc)
 
@@ -148,6 +152,11 @@ class AsyncCheckpointer:
             self._finisher = None
         if self._error:
             raise RuntimeError(f"the background checkpoint failed: {self._error.pop()}")
+
+    def drain(self) -> list[dict]:
+        """The saves published in the background since the last call (rank 0; empty elsewhere)."""
+        done, self._written = self._written, []
+        return done
 
 
 def _fault_delay(step: int) -> None:

@@ -177,11 +177,21 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: P
     """The training loop from s.state, with periodic checkpoints and one at the end of this run."""
     background = AsyncCheckpointer(s.rt) if s.cfg.async_checkpoint else None
 
+    def written() -> None:
+        for done in background.drain() if background is not None else []:
+            metrics.write(event="checkpoint_written", **done)
+
     def save(st: TrainerState) -> None:
         beat.phase("checkpoint")
+        t = time.perf_counter()
         path = save_checkpoint(s.engine, st, s.paths, s.rt, keep=s.cfg.keep_checkpoints, shape=s.shape,
                                background=background)
-        print0(s.rt, f"hpcft.train: checkpoint {path}" + (" (writing in the background)" if background else ""))
+        blocked = time.perf_counter() - t  # what training waited for (async: the previous save, the staging copy)
+        written()
+        metrics.write(event="checkpoint", step=st.step, blocked_s=round(blocked, 4),
+                      mode="async" if background else "sync")
+        print0(s.rt, f"hpcft.train: checkpoint {path}" + (" (writing in the background)" if background else "")
+               + f"; training blocked {blocked:.2f} s")
 
     progress = ProgressDisplay(s.data.total_steps, enabled=s.rt.is_main, start=s.state.step)
     sample_log = SampleLog(s.paths.sample_ids(s.rt.env.rank)) if os.environ.get(SAMPLE_LOG_VAR) == "1" else None
@@ -197,6 +207,7 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: P
     if background is not None:
         beat.phase("checkpoint")
         background.wait()  # the last checkpoint is complete before eval, export, a requeue or the exit
+        written()
     return result
 
 

@@ -6,10 +6,10 @@ has, one results table (markdown + JSON), a non-zero exit on any failure.
 
 On GPUs: a ~1B-parameter Llama built from config (no hub) and the tiny BPE tokenizer, bf16, every
 strategy (ddp, fsdp, zero1-3) with and without LoRA; QLoRA (4-bit) when bitsandbytes is installed;
-sdpa and flash_attention_2 (when flash-attn is installed); a resume round trip (stopped, resumed, the
-same losses as one run); the export reloaded in one process with the run's eval loss; MFU against the
-datasheet peak hpcft picked; NCCL when there are 2+ GPUs. Each case is `torchrun -m hpcft.train`, as a
-job's ranks run it.
+sdpa and flash_attention_2 (when flash-attn is installed); resume round trips (stopped, resumed,
+the same losses as one run; once with async checkpoints); the export reloaded in one process with
+the run's eval loss; MFU against the datasheet peak hpcft picked; NCCL when there are 2+ GPUs. Each
+case is `torchrun -m hpcft.train`, as a job's ranks run it.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def cases(*, gpus: int, smoke: bool) -> list[Case]:
             flags = [f"--strategy={strategy}", *precision] + (["--use_peft=true", "--lr=1e-3"] if lora else [])
             out.append(Case(f"{strategy}{' + LoRA' if lora else ''}", flags, ["export"] if strategy in ("fsdp", "zero3") else []))
     out.append(Case("fsdp resume", ["--strategy=fsdp", *precision], ["resume"]))
+    out.append(Case("ddp resume, async checkpoint", ["--strategy=ddp", "--async_checkpoint=true", "--save_every=2",
+                                                     *precision], ["resume"]))
     if not smoke and importlib.util.find_spec("bitsandbytes"):
         out.append(Case("QLoRA 4-bit (ddp)", ["--strategy=ddp", "--use_peft=true", "--quantization=4bit", *precision]))
     if not smoke and importlib.util.find_spec("flash_attn"):
