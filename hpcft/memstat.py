@@ -84,7 +84,8 @@ class PrivateMemoryPeak:
         return out
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
 GLIBC_DYNAMIC_MMAP_CEILING = 32 << 20  # where glibc's own dynamic threshold stops climbing (64-bit)
 
 
@@ -94,7 +95,10 @@ def large_frees_returned(threshold: int = 1 << 20):
     it back to the system. Otherwise glibc's threshold climbs to the largest block freed so far, and a
     stream of transient full-size tensors (DeepSpeed's zero.Init builds each parameter whole, then keeps
     a partition) stays in the heap as free-but-resident memory: ~0.2 GB per rank on a 300M model. After
-    the block: the ceiling glibc's dynamic threshold reaches, and the free heap trimmed."""
+    the block: the free heap trimmed, and the thresholds glibc's dynamic adjustment would have reached
+    for training's activations (mmap at 32 MiB, trim at twice that). Setting one turns glibc's
+    adjustment off, and a trim threshold left at its 128 KiB default would hand the heap's top back to
+    the system after every step's activations are freed and fault it in again the next step."""
     try:
         libc = ctypes.CDLL(None)
         mallopt, trim = libc.mallopt, libc.malloc_trim
@@ -105,5 +109,6 @@ def large_frees_returned(threshold: int = 1 << 20):
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, GLIBC_DYNAMIC_MMAP_CEILING)
         trim(0)
+        mallopt(M_MMAP_THRESHOLD, GLIBC_DYNAMIC_MMAP_CEILING)
+        mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_DYNAMIC_MMAP_CEILING)
