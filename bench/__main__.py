@@ -1,6 +1,6 @@
 """hpcft benchmarks: one command, every measure side by side in one run on this machine.
 
-    bash bench/run.sh            # set-up, local cluster, the full run (~35 min on 2 cores), cluster down
+    bash bench/run.sh            # set-up, local cluster, the full run (~80 min on 2 cores), cluster down
     python -m bench [--quick] [--parts vs_hf,mfu,profile,scaling,launch,memory,logs,strategies,watchdog,data,compile,checkpoint] [--results DIR]
 
 Prints a table and writes results.json, results.md and PNG plots (default bench/results/; --quick
@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     part("strategies", lambda: throughput.strategy_table(setup))
     part("watchdog", lambda: watchdog.watchdog_cost(setup))
     part("data", lambda: data_scale.data_scale(setup))
-    part("compile", lambda: compiled.compiled(setup, r.get("mfu", {}).get("peaks") or throughput.measure_peaks()))
+    # the peaks part 2 measured in this run, else measured now (never an earlier run's, merged or not)
+    part("compile", lambda: compiled.compiled(setup, r["mfu"]["peaks"] if "mfu" in parts and "mfu" in r
+                                              else throughput.measure_peaks()))
     part("checkpoint", lambda: ckpt_stall.checkpoint_stall(setup))
     files = report.write(r, results_dir)
     report.print_table(report.summary_rows(r))

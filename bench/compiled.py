@@ -2,7 +2,9 @@
 same padded batches, and bf16 CPU-MFU with and without compile. Alternating repeats, one run."""
 from __future__ import annotations
 
-from bench.common import Setup, hf_run, hpcft_run, median
+import json
+
+from bench.common import PY, ROOT, Setup, env_for, hf_run, hpcft_run, median, run_logged
 from bench.throughput import mfu
 
 
@@ -28,8 +30,25 @@ def compiled(setup: Setup, peaks: dict) -> dict:
         runs["bf16_compile"].append(s["tokens_per_s_steady"])
         runs["bf16_eager"].append(hpcft_run(setup, f"compile/bf16_eager_{rep}", precision="bf16")["tokens_per_s_steady"])
     med = {k: median(v) for k, v in runs.items()}
+    profile = compile_profile(setup)
     by = mfu(setup, {"bf16_compile": med["bf16_compile"], "bf16_eager": med["bf16_eager"]}, peaks, params)
     return {"runs": runs, "median": med, "ratio": med["hpcft_compile"] / med["hf_trainer"],
             "ratio_eager": med["hpcft_eager"] / med["hf_trainer"], "ratio_bf16": med["hpcft_compile_bf16"] / med["hf_trainer_bf16"], "compile_speedup": med["hpcft_compile"] / med["hpcft_eager"],
             "bf16_compile_speedup": med["bf16_compile"] / med["bf16_eager"], "target": 1.1, "mfu_target": 0.5,
-            "mfu": {k: v["mfu"] for k, v in by["by_precision"].items()}, "peaks": peaks, "parameters": params}
+            "mfu": {k: v["mfu"] for k, v in by["by_precision"].items()}, "peaks": peaks, "parameters": params,
+            "profile": profile}
+
+
+def compile_profile(setup: Setup) -> dict:
+    """Where a one-rank step's time goes, eager and compiled, on the padded batches of the comparison
+    (fp32 and bf16): compile can only shrink what is not a matrix multiply or attention kernel."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        for compiled_ in (False, True):
+            name = f"{precision}_{'compile' if compiled_ else 'eager'}"
+            path = setup.out / "profile" / f"padded_{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            run_logged([PY, str(ROOT / "bench" / "profile_step.py"), str(setup.model), str(setup.data), precision,
+                        str(path), "--padding", *(["--compile"] if compiled_ else [])], path.with_suffix(".log"), env_for(1))
+            out[name] = json.loads(path.read_text())
+    return out

@@ -2,7 +2,7 @@
 matrix multiplies bounds the CPU-MFU, whatever else is tuned. And how long one all-reduce of the
 model's gradients takes over gloo between two ranks (the cost DDP adds per step).
 
-    python bench/profile_step.py MODEL DATA fp32|bf16 OUT.json
+    python bench/profile_step.py MODEL DATA fp32|bf16 OUT.json [--compile] [--padding]
     torchrun --standalone --nproc-per-node 2 bench/profile_step.py --allreduce N_FLOATS OUT.json
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ma
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def step_profile(model_dir: str, data: str, precision: str, out: str) -> dict:
+def step_profile(model_dir: str, data: str, precision: str, out: str, *, compile: bool = False,
+                 padding: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from hpcft.distenv import DistEnv
@@ -34,8 +35,9 @@ def step_profile(model_dir: str, data: str, precision: str, out: str) -> dict:
 
     torch.set_num_threads(1)
     rt = setup_distributed(DistEnv(), timeout_s=300)
-    s = build_session(bench_config(model_dir, data, precision=precision, max_train_step=10), rt,
-                      RunPaths(Path(out).parent / "profile-run"))
+    cfg = bench_config(model_dir, data, precision=precision, max_train_step=10, compile=compile,
+                       **({"batching_strategy": "padding"} if padding else {}))
+    s = build_session(cfg, rt, RunPaths(Path(out).parent / "profile-run"))
     engine = s.engine
     it = iter(s.data.train_loader)
 
@@ -46,7 +48,7 @@ def step_profile(model_dir: str, data: str, precision: str, out: str) -> dict:
         engine.backward(loss, boundary=True)
         engine.step()
 
-    for _ in range(2):
+    for _ in range(4):  # warm-up (compile: the first steps compile); eager and compiled profile the same batches
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
@@ -57,7 +59,9 @@ def step_profile(model_dir: str, data: str, precision: str, out: str) -> dict:
     total = sum(ops.values())
     matmul = sum(v for k, v in ops.items() if k in MATMUL_OPS)
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
-    return {"precision": precision, "step_s": wall / 3, "matmul_share": matmul / total,
+    return {"precision": precision, "compile": compile, "padding": padding, "step_s": wall / 3,
+            "matmul_share": matmul / total, "matmul_s": matmul / total * wall / 3,
+            "other_s": (1 - matmul / total) * wall / 3,
             "top_ops": [{"op": k, "share": v / total} for k, v in top]}
 
 
@@ -86,4 +90,5 @@ if __name__ == "__main__":
                 json.dump({"floats": int(sys.argv[2]), "seconds": seconds}, f)
     else:
         with open(sys.argv[4], "w") as f:
-            json.dump(step_profile(*sys.argv[1:5]), f)
+            json.dump(step_profile(*sys.argv[1:5], compile="--compile" in sys.argv[5:],
+                                   padding="--padding" in sys.argv[5:]), f)

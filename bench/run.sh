@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks, end to end on a fresh machine: set-up, a local 2-node Slurm cluster, every part of
 # `python -m bench` side by side in one run, then the cluster is stopped again.
-#   bash bench/run.sh            # full run, results in bench/results/ (~35 min on 2 cores)
+#   bash bench/run.sh            # full run, results in bench/results/ (~80 min on 2 cores)
 #   bash bench/run.sh --quick    # smoke run, results in artifacts/bench/quick/
 set -euo pipefail
 cd "$(dirname "$0")/.."
