@@ -91,13 +91,13 @@ def shard_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, blocks: set[t
     return model
 
 
-def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
-               load: WeightLoad | None = None):
-    """shard_fsdp unless the model came sharded, then the optimizer and engine."""
+def apply_fsdp(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type]):
+    """shard_fsdp unless the model came sharded (build_session shards as the weights load), then the
+    optimizer and engine."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
-        model = shard_fsdp(model, cfg=cfg, rt=rt, blocks=blocks, load=load)
+        model = shard_fsdp(model, cfg=cfg, rt=rt, blocks=blocks)
     return _torch_engine(model, model, cfg, rt, total_steps)
 
 
@@ -162,11 +162,10 @@ def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
     return ZeroEngine(engine, model, stage=stage, device=rt.device)
 
 
-def apply_strategy(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type],
-                   load: WeightLoad | None = None):
+def apply_strategy(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: int, blocks: set[type]):
     """cfg.strategy's apply_* with the options it takes."""
     if cfg.strategy == "fsdp":
-        return apply_fsdp(model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks, load=load)
+        return apply_fsdp(model, cfg=cfg, rt=rt, total_steps=total_steps, blocks=blocks)
     if cfg.strategy == "ddp":
         return apply_ddp(model, cfg=cfg, rt=rt, total_steps=total_steps)
     return apply_zero(model, cfg=cfg, rt=rt, total_steps=total_steps)

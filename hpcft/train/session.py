@@ -141,13 +141,13 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
                 init_adapters(model, cfg.seed)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
+        blocks = block_classes(model)
         if cfg.compile:
-            compiled = apply_compile(model, block_classes(model))
+            compiled = apply_compile(model, blocks)
             print0(rt, f"hpcft.train: torch.compile on {compiled} transformer block(s) (regional; the first steps "
                        "compile)")
         n_params, n_trainable = count_params(model)
         n_layers, hidden = model_shape(model.config)
-        blocks = block_classes(model)
         if cfg.strategy == "fsdp":
             model = shard_fsdp(model, cfg=cfg, rt=rt, blocks=blocks, load=loaded)
     load_memory = load_memory_report(rt, loaded.mode, memory, n_params * precision.param_dtype.itemsize)
