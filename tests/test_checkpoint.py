@@ -139,3 +139,12 @@ def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_pat
 def test_async_checkpoint_is_refused_for_zero():
     with pytest.raises(SpecError, match="train.async_checkpoint: covers ddp and fsdp"):
         TrainConfig(strategy="zero3", async_checkpoint=True).validate()
+
+
+@pytest.mark.parametrize("field, value", [("save_every", 5), ("async_checkpoint", True), ("max_steps_this_run", 3)])
+def test_no_checkpoints_is_refused_with_what_needs_them(field, value):
+    TrainConfig(keep_checkpoints=0).validate()  # a smoke test or benchmark may write none
+    with pytest.raises(SpecError, match=f"train.{field}: needs checkpoints, and keep_checkpoints is 0"):
+        TrainConfig(keep_checkpoints=0, **{field: value}).validate()
+    with pytest.raises(SpecError, match="train.keep_checkpoints: must be >= 0"):
+        TrainConfig(keep_checkpoints=-1).validate()

@@ -2,6 +2,7 @@
 PEFT gives parameters, and (under torchrun, 4 ranks) what loading a ~300M-parameter model costs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,8 @@ def model_300m(tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "llama-300m"
     subprocess.run([sys.executable, "-m", "hpcft.cli", "make-tiny-model", str(out), "--hidden-size", "1024",
                     "--layers", "24", "--heads", "16"], cwd=ROOT, check=True, capture_output=True)
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # 1.2 GB: not kept for the rest of the session
 
 
 def test_four_ranks_hold_about_one_copy_of_a_300m_model_while_loading(tmp_path, model_300m):
@@ -102,9 +104,11 @@ def test_four_ranks_hold_about_one_copy_of_a_300m_model_while_loading(tmp_path, 
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                                "-m", "hpcft.train", f"--model_name={model_300m}", f"--strategy={strategy}",
                                "--max_train_step=1", "--max_eval_step=1", "--val_batch_size=2",
-                               "--batch_size_training=1", "--context_length=64", "--save_model=false", "--plot=false"],
+                               "--batch_size_training=1", "--context_length=64", "--save_model=false", "--plot=false",
+                               "--keep_checkpoints=0"],  # a 300M model's checkpoint is 3.5 GB of disk
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert not any((run_dir / "checkpoints").glob("*")), "keep_checkpoints: 0 writes no checkpoint"
         summary = json.loads((run_dir / "summary.json").read_text())
         loading = summary["weight_loading"]
         assert loading["mode"] == {"fsdp": "sharded", "zero3": "zero_init"}[strategy]

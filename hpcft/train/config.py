@@ -89,7 +89,7 @@ class TrainConfig:
     num_workers_dataloader: int = 0  # DataLoader worker processes per rank
     save_model: bool = True  # save the final model (HF format, or the PEFT adapter) in the run directory
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of the run)
-    keep_checkpoints: int = 2  # newest complete checkpoints kept per run
+    keep_checkpoints: int = 2  # newest complete checkpoints kept per run; 0: none written (smoke tests, benchmarks)
     async_checkpoint: bool = False  # ddp/fsdp: stage checkpoints in host memory and write them while training goes on
     resume: str = "auto"  # auto: this run's newest complete checkpoint (requeue); latest: any run of this job name; never; or a path
     max_steps_this_run: int = 0  # stop (with a checkpoint) after this many steps of this run; the schedule is unchanged
@@ -171,11 +171,15 @@ class TrainConfig:
         if self.hang_timeout_s < 0 or 0 < self.hang_timeout_s and self.hang_timeout_s >= self.timeout_s:
             bad("hang_timeout_s", f"must be 0 (off) or from 1 to timeout_s - 1 ({self.timeout_s - 1}), so that the "
                                   f"watchdog names the stuck rank before collectives time out (got {self.hang_timeout_s})")
-        for name in ("lora_r", "lora_alpha", "keep_checkpoints"):
+        for name in ("lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (got {getattr(self, name)})")
+        for name in ("save_every", "async_checkpoint", "max_steps_this_run"):
+            if self.keep_checkpoints == 0 and getattr(self, name):
+                bad(name, f"needs checkpoints, and keep_checkpoints is 0 (none written): set {name} off "
+                          "or keep_checkpoints >= 1")
         for name in ("max_train_step", "max_eval_step", "warmup_steps", "num_workers_dataloader", "save_every",
-                     "max_steps_this_run", "dataset_num_proc"):
+                     "max_steps_this_run", "dataset_num_proc", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0 (got {getattr(self, name)})")
         if not self.lr > 0:

@@ -103,7 +103,8 @@ def _train_and_finish(s: Session, stop: StopRequest, beat: Progress) -> dict:
             metrics.write(event="preempted", step=s.state.step, signal=stop.signal)
             metrics.close()
         print0(s.rt, f"hpcft.train: stopped at step {s.state.step} on {stop.signal or 'a peer'}'s warning; "
-                     f"checkpoint written, the job will requeue and resume")
+                     + ("checkpoint written, the job will requeue and resume" if s.cfg.keep_checkpoints else
+                        "no checkpoint (keep_checkpoints: 0), the requeued job starts over"))
         return {"preempted": True, "steps": s.state.step}
     summary.update(steps=result.steps, steps_this_run=result.steps_this_run, final_train_loss=result.last_loss,
                    train_seconds=round(result.seconds, 3), mfu=result.mfu,
@@ -174,7 +175,8 @@ def evaluate_session(s: Session, metrics: MetricsWriter, when: str, beat: Progre
 
 
 def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: Progress) -> TrainResult:
-    """The training loop from s.state, with periodic checkpoints and one at the end of this run."""
+    """The training loop from s.state, with periodic checkpoints and one at the end of this run
+    (none with keep_checkpoints 0)."""
     background = AsyncCheckpointer(s.rt) if s.cfg.async_checkpoint else None
 
     def written() -> None:
@@ -202,7 +204,7 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: P
     progress.close()
     if sample_log is not None:
         sample_log.close()
-    if result.steps_this_run:
+    if result.steps_this_run and s.cfg.keep_checkpoints:
         save(s.state)
     if background is not None:
         beat.phase("checkpoint")
