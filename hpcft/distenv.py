@@ -129,6 +129,7 @@ def flight_recorder_env(trace_prefix: str) -> dict[str, str]:
     return {**NCCL_FLIGHT_RECORDER_TABLE, NCCL_TRACE_FILE_VAR: trace_prefix}
 
 PORT_BASE, PORT_SPAN = 20000, 20000
+JOB_PORTS = range(PORT_BASE, PORT_BASE + PORT_SPAN)  # where job ids' ports lie; fallbacks stay out
 
 
 def _read(env: Mapping[str, str], table: dict[str, tuple[str, ...]]) -> dict[str, str | None]:
@@ -311,6 +312,7 @@ def collect_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv(
             rank=s.procid, world_size=s.ntasks, local_rank=s.localid, local_world_size=per_node,
             node_rank=s.node_id, master_addr=t["master_addr"] or nodes[0],
-            master_port=_int(t["master_port"], rdzv_port_for(s.job_id or "0") + 1), launcher="srun",
+            # the job id's own port: no torchrun agent holds it on this path, and +1 would be the next job's
+            master_port=_int(t["master_port"], rdzv_port_for(s.job_id or "0")), launcher="srun",
         )
     return DistEnv()

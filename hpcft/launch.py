@@ -14,7 +14,7 @@ from typing import Mapping
 
 import dataclasses
 
-from hpcft.distenv import (CPU_NODE_VAR, PER_TASK_GPU_VARS, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv,
+from hpcft.distenv import (CPU_NODE_VAR, JOB_PORTS, PER_TASK_GPU_VARS, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv,
                            collect_slurm_env, nccl_env, plan_rendezvous)
 from hpcft.errors import SpecError
 from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
@@ -39,16 +39,36 @@ def torchrun_argv(rdzv: Rendezvous, command: list[str], *, python: str = sys.exe
     ]
 
 
-def rank_threads(slurm: SlurmEnv, nproc: int) -> int:
-    """CPU threads per rank: the task's CPUs shared among the node's ranks."""
-    return max(1, (slurm.cpus_per_task or 1) // max(1, nproc))
+def node_cores() -> int:
+    """The cores this launcher may run on (its affinity mask: what Slurm's cgroup or binding gave it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
-def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda: bool) -> dict[str, str]:
+def rank_threads(slurm: SlurmEnv, nproc: int, *, cores: int | None = None) -> int:
+    """CPU threads per rank: the task's CPUs shared among the node's ranks, never more than the cores
+    there are (a node that advertises more CPUs than it has would otherwise run threads x ranks on them)."""
+    cpus = slurm.cpus_per_task or 1
+    if cores is not None:
+        cpus = min(cpus, cores)
+    return max(1, cpus // max(1, nproc))
+
+
+def node_env(slurm: SlurmEnv, rdzv: Rendezvous, base: Mapping[str, str], *, cuda: bool,
+             cores: int | None = None) -> dict[str, str]:
     env = dict(base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if not cuda:
-        env.setdefault("OMP_NUM_THREADS", str(rank_threads(slurm, rdzv.nproc_per_node)))
+        cores = node_cores() if cores is None else cores
+        threads = rank_threads(slurm, rdzv.nproc_per_node, cores=cores)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        if int(env["OMP_NUM_THREADS"] or 1) > 1:
+            # OpenMP threads that spin between parallel regions burn the cores the other ranks and gloo's
+            # own threads need: a 2-thread CPU rank took 21-25 CPU-s instead of 7 beside its peers. Ranks
+            # alternate compute with collectives, so idle threads sleep here unless the user said otherwise.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # A user's script runs through hpcft.cpuworld here (hpcft.rankrun), so that Accelerate and HF
         # Trainer form one CPU world rather than N single-process runs that each "succeed".
         env[CPU_NODE_VAR] = "1"
@@ -94,7 +114,7 @@ def plan_network(rdzv: Rendezvous, slurm: SlurmEnv, env: Mapping[str, str], *, f
             if fixed_port and not port_free(rdzv.port):
                 raise NetworkError(f"launch.rdzv_port {rdzv.port} is taken on the head node {rdzv.host}; leave "
                                    "rdzv_port unset (a free port is then picked) or choose another")
-            port = pick_port(rdzv.port)
+            port = pick_port(rdzv.port, avoid=JOB_PORTS)
             if port != rdzv.port:
                 port_note = f" (the job id's port {rdzv.port} is taken on {rdzv.host})"
             publish_port(published, rdzv.host, port)

@@ -96,11 +96,17 @@ def port_free(port: int) -> bool:
     return True
 
 
-def pick_port(preferred: int, tries: int = 200) -> int:
-    """preferred when free, else the next free one above it (wrapping inside the unprivileged range)."""
-    for i in range(tries):
-        port = 1024 + (preferred - 1024 + i) % (65535 - 1024)
-        if port_free(port):
+def pick_port(preferred: int, tries: int = 200, *, avoid: range | None = None) -> int:
+    """preferred when free, else one the OS hands out that lies outside `avoid` (the band job ids map
+    into). Not preferred+1: that is the next job id's own port, and a job that shares this node and
+    falls back there joins the other job's rendezvous store (one job died when the other closed it)."""
+    if port_free(preferred):
+        return preferred
+    for _ in range(tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("0.0.0.0", 0))
+            port = s.getsockname()[1]
+        if (avoid is None or port not in avoid) and port_free(port):
             return port
     raise NetworkError(f"no free port from {preferred} on {socket.gethostname()} after {tries} tries")
 

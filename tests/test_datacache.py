@@ -85,7 +85,9 @@ from pathlib import Path
 from hpcft.prepare import prepare
 from hpcft.train.config import TrainConfig
 cfg = TrainConfig(model_name=sys.argv[1], data_path=sys.argv[2])
-while time.time() < float(sys.argv[4]):
+barrier, me = Path(sys.argv[4]), sys.argv[5]
+(barrier / me).touch()  # imported: now wait for the others, however long their imports took under load
+while len(list(barrier.iterdir())) < int(sys.argv[6]):
     time.sleep(0.005)
 done = prepare(cfg, Path(sys.argv[3]), log=lambda line: print(line, flush=True))
 print("ENTRY", done.train.path, done.built, flush=True)
@@ -94,9 +96,11 @@ print("ENTRY", done.train.path, done.built, flush=True)
 
 def test_processes_asking_at_once_tokenize_once(setup, tmp_path):
     cfg, cache = setup
-    start = time.time() + 4  # every process imports first, then all ask at the same moment
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, cfg.model_name, cfg.data_path, str(cache), str(start)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    barrier = tmp_path / "imported"  # every process imports first, then all ask at the same moment
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, cfg.model_name, cfg.data_path, str(cache),
+                               str(barrier), str(i), "4"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(4)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     entries = {line.split()[1] for out in outs for line in out.splitlines() if line.startswith("ENTRY")}

@@ -1,6 +1,8 @@
 """The CUDA-only logic, tested without a GPU: which GPU a rank takes, datasheet peaks by variant and
 format, NCCL defaults under the user's settings, TF32, and what the launcher makes of each way Slurm
 grants GPUs."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,6 +94,23 @@ def test_nccl_defaults_on_cuda_nodes_yield_to_the_users():
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (hpcft default)" in report and "NCCL_DEBUG=WARN," in report + ","
     cpu = node_env(slurm, rdzv, BATCH, cuda=False)
     assert not set(NCCL_DEFAULTS) & set(cpu) and cpu["HPCFT_CPU_NODE"] == "1"
+
+
+def test_cpu_ranks_get_threads_the_node_really_has_and_idle_threads_sleep():
+    slurm = collect_slurm_env(BATCH)  # 32 CPUs per task
+    rdzv = plan_rendezvous(slurm, cuda_devices=0)
+    big = node_env(slurm, rdzv, BATCH, cuda=False, cores=64)
+    assert big["OMP_NUM_THREADS"] == str(32 // rdzv.nproc_per_node)
+    small = node_env(slurm, rdzv, BATCH, cuda=False, cores=2)  # Slurm says 32, the machine has 2
+    assert small["OMP_NUM_THREADS"] == str(max(1, 2 // rdzv.nproc_per_node))
+    two = node_env(slurm, dataclasses.replace(rdzv, nproc_per_node=1), BATCH, cuda=False, cores=2)
+    assert two["OMP_NUM_THREADS"] == "2" and two["OMP_WAIT_POLICY"] == "PASSIVE"
+    mine = node_env(slurm, dataclasses.replace(rdzv, nproc_per_node=1), {**BATCH, "OMP_WAIT_POLICY": "ACTIVE",
+                                                                         "OMP_NUM_THREADS": "3"}, cuda=False, cores=2)
+    assert mine["OMP_WAIT_POLICY"] == "ACTIVE" and mine["OMP_NUM_THREADS"] == "3"
+    one = node_env(slurm, dataclasses.replace(rdzv, nproc_per_node=1), {**BATCH, "OMP_NUM_THREADS": "1"},
+                   cuda=False, cores=2)
+    assert "OMP_WAIT_POLICY" not in one
 
 
 @pytest.mark.parametrize("granted, ranks", [

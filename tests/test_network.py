@@ -34,13 +34,26 @@ def test_a_head_node_that_does_not_resolve_is_named(monkeypatch):
         resolve_head("gpu001")
 
 
-def test_a_taken_port_moves_to_the_next_free_one():
+def test_a_taken_port_moves_to_a_free_one_outside_the_job_id_band():
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
         holder.listen()
         taken = holder.getsockname()[1]
         assert not port_free(taken)
         assert pick_port(taken) != taken and port_free(pick_port(taken))
+        band = range(taken - 5, taken + 5)  # the next job ids' ports must never be the fallback
+        picks = {pick_port(taken, avoid=band) for _ in range(20)}
+        assert not picks & set(band) and all(port_free(p) for p in picks)
+
+
+def test_srun_ranks_never_take_the_next_jobs_rendezvous_port():
+    from hpcft.distenv import collect_dist_env, rdzv_port_for
+
+    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_PROCID": "1",
+           "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    got = collect_dist_env(env)
+    assert got.launcher == "srun" and got.world_size == 4
+    assert got.master_port == rdzv_port_for("4242") != rdzv_port_for("4243")
 
 
 @pytest.mark.parametrize("log,network,ib", [
