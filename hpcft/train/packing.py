@@ -9,6 +9,7 @@ none over tokens); rows are assembled when a batch asks for them.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +23,39 @@ from hpcft.dataformat import IGNORE_INDEX
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
+def read_saved_arrow(path: Path) -> list:
+    """The tables of a `Dataset.save_to_disk` directory, memory-mapped with pyarrow alone: state.json lists
+    its Arrow stream files. A rank that only reads the cache then never imports datasets (and pandas),
+    seconds of start-up per rank."""
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    if state.get("_indices_data_files"):  # save_to_disk writes flattened data; anything else is not ours
+        raise ValueError(f"{path}: a dataset with an indices mapping; expected hpcft's own cache entry")
+    return [pa.ipc.open_stream(pa.memory_map(str(path / f["filename"]))).read_all() for f in state["_data_files"]]
+
+
+def zero_copy(arr) -> np.ndarray:
+    """A numpy view of a primitive Arrow array without nulls (pyarrow's own to_numpy imports pandas)."""
+    if arr.null_count:
+        raise ValueError(f"tokenized column with {arr.null_count} nulls: the data cache entry is damaged")
+    dtype = np.dtype(str(arr.type))  # int32 / int64
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
+
+
 class TokenStore:
     """The input_ids/labels rows of one cache entry split (save_to_disk), memory-mapped: example i is a
     pair of numpy views into the Arrow buffers, nothing is read until a batch asks for it."""
 
     def __init__(self, path: str | Path):
-        import datasets
-
-        self._ds = datasets.load_from_disk(str(path))  # keeps the memory map alive
+        self._tables = read_saved_arrow(Path(path))  # keeps the memory maps alive
         self._ids: list[tuple[np.ndarray, np.ndarray]] = []  # per record batch: (values, offsets)
         self._labels: list[tuple[np.ndarray, np.ndarray]] = []
         starts, lengths = [0], []
-        for batch in self._ds.data.table.to_batches():
+        for batch in (b for table in self._tables for b in table.to_batches()):
             for name, out in (("input_ids", self._ids), ("labels", self._labels)):
                 col = batch.column(name)
-                out.append((col.values.to_numpy(zero_copy_only=True), col.offsets.to_numpy(zero_copy_only=True)))
+                out.append((zero_copy(col.values), zero_copy(col.offsets)))
             lengths.append(np.diff(self._ids[-1][1]))
             starts.append(starts[-1] + len(batch))
         self._starts = np.asarray(starts, dtype=np.int64)

@@ -2,11 +2,13 @@
 (torchrun, srun one task per rank, accelerate launch, plain python)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,11 +43,13 @@ def choose_run_dir(rt: Runtime) -> Path:
 
 
 def quiet_libraries() -> None:
-    """Per-example progress bars from datasets/transformers would drown the per-rank logs."""
-    import datasets
+    """Per-example progress bars from datasets/transformers would drown the per-rank logs. datasets is
+    told through its variable: a rank that only reads the tokenized cache never imports it."""
     import transformers
 
-    datasets.disable_progress_bars()
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     # Deprecations inside DeepSpeed and transformers, not in anything the user wrote: DeepSpeed calls the
@@ -213,6 +217,30 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: P
     return result
 
 
+@contextlib.contextmanager
+def no_deepspeed_probe():
+    """save_pretrained unwraps the model through accelerate, which imports DeepSpeed (seconds, on every
+    export) only to ask whether the model is a DeepSpeedEngine. Without ZeRO DeepSpeed was never imported,
+    so no model can be one: accelerate is told it is unavailable for that question alone."""
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    try:
+        import accelerate.utils.other as other
+    except ImportError:
+        yield
+        return
+    probe = getattr(other, "is_deepspeed_available", None)
+    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
+    try:
+        yield
+    finally:
+        if probe is None:
+            del other.is_deepspeed_available
+        else:
+            other.is_deepspeed_available = probe
+
+
 def export_model(s: Session) -> Path:
     """Consolidated HF model (or the PEFT adapter) that from_pretrained / PeftModel loads. Gathered
     from every rank, written by rank 0 into a temporary directory and renamed."""
@@ -220,7 +248,8 @@ def export_model(s: Session) -> Path:
     target, tmp = s.paths.model, s.paths.model_tmp
     if s.rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        s.engine.hf_model.save_pretrained(tmp, state_dict=state)
+        with no_deepspeed_probe():
+            s.engine.hf_model.save_pretrained(tmp, state_dict=state)
         s.data.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
