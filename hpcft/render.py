@@ -118,7 +118,7 @@ def render_sbatch(spec: JobSpec, *, source: str = "a job spec", array: ArrayPlan
         lines += ["", "# launch.setup from the spec (before set -u: module and activate scripts read unset variables)"]
         lines += list(spec.launch.setup)
     lines += ["set -u", ""]
-    run_dir = _quote_value(str(job_dir(spec.output_dir, spec.name)))
+    run_dir = _quote_value(_literal_path(str(job_dir(spec.output_dir, spec.name))))
     if array is None:
         lines.append(f'export {RUN_DIR_VAR}={run_dir}/"$SLURM_JOB_ID"')
     else:
@@ -279,10 +279,22 @@ def _array_word(value: str) -> str:
     return f"'{value}'" if quoted == value and "," in value else quoted
 
 
+def _literal_path(path: str) -> str:
+    """A relative path that starts with ~ (a spec rendered before `~` was expanded) as ./~...: the same
+    directory, and no reader (or shellcheck) takes the quoted tilde for a home directory."""
+    return "./" + path if path.startswith("~") else path
+
+
+# Words bash reads fine after `X=` but readers (and shellcheck, SC1010) take for syntax: quoted too.
+SHELL_WORDS = frozenset("if then else elif fi do done case esac while until for in select function time "
+                        "coproc { } ! [[ ]]".split())
+
+
 def _quote_value(value: str) -> str:
-    """shlex.quote, but a value such as '=x' gets quotes too (bash reads `X==x` fine; readers do not)."""
+    """shlex.quote, but a value such as '=x' or 'then' gets quotes too (bash reads `X==x` and `X=then`
+    fine; readers do not)."""
     quoted = shlex.quote(value)
-    return f"'{value}'" if quoted == value and value.startswith("=") else quoted
+    return f"'{value}'" if quoted == value and (value.startswith("=") or value in SHELL_WORDS) else quoted
 
 
 def _wrap(words: list[str], width: int = 100) -> str:
