@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ckpt_stall, compiled, data_scale, logtriage, memory, report, scaling, throughput, watchdog
+from bench import ckpt_stall, compiled, data_scale, logtriage, memory, rankstart, report, scaling, throughput, watchdog
 from bench.common import ROOT, hpcft_run, median, prepare
 
 PARTS = ("vs_hf", "mfu", "profile", "scaling", "launch", "memory", "logs", "strategies", "watchdog", "data", "compile",
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     part("mfu", mfu)
     part("profile", lambda: throughput.profile(setup, r.get("mfu", {}).get("parameters") or 28_158_464))
     part("scaling", lambda: scaling.scaling(setup))
-    part("launch", lambda: scaling.launch_overhead(setup))
+    part("launch", lambda: {**scaling.launch_overhead(setup), "rank_start": rankstart.rank_start(setup)})
     part("memory", lambda: memory.memory(setup))
     part("logs", lambda: logtriage.triage(work, args.quick))
     part("strategies", lambda: throughput.strategy_table(setup))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.rankstart import WATCH
+
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("MET" if ok else "missed")
@@ -50,6 +52,15 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
         m = v["median"]
         rows.append(("4 submit -> first step", f"{v['ratio']:.2f}x ({m['hpcft submit']:.1f} s vs "
                      f"{m['sbatch + torchrun']:.1f} s)", "<= 1.1x", verdict(v["ratio"] <= 1.1)))
+        if "rank_start" in v:
+            s = v["rank_start"]
+            now, before = s["median"]["now"], s["median"]["before"]
+            rows.append((f"4 one rank: start -> first step, now vs {s['before']}",
+                         f"{s['ratio_first_step']:.2f}x ({now['to_first_step_s']:.1f} s vs {before['to_first_step_s']:.1f} s)",
+                         "< 1x", verdict(s["ratio_first_step"] < 1)))
+            rows.append(("4 one rank: import time (whole process)", f"{s['ratio_import']:.2f}x ({now['import_s']:.1f} s vs "
+                         f"{before['import_s']:.1f} s); imported now: {', '.join(s['imported']['now']) or 'none of ' + '/'.join(WATCH)}"
+                         f"; before: {', '.join(s['imported']['before'])}", "< 1x", verdict(s["ratio_import"] < 1)))
     if "memory" in r:
         for row in r["memory"]["rows"]:
             key = f"{row['case']} {row['precision']}"

@@ -52,6 +52,10 @@ write_conf() {
     echo "KillWait=10"
     echo "SlurmctldTimeout=30"
     echo "SlurmdTimeout=60"
+    # A pending job (a requeued one after cred_expire, one whose --after dependency just completed, one
+    # waiting for GPUs) starts at the next scheduling pass: every 60 s (main) / 30 s (backfill) by default.
+    # The suite queues dozens of jobs behind 8 fake GPUs, so passes come every 2 s here.
+    echo "SchedulerParameters=sched_interval=2,bf_interval=2"
     # Job ids from the clock: a wiped state would restart them at 1 and collide with old run dirs.
     echo "FirstJobId=$(( ($(date +%s) / 10) % 1000000 + 1000 ))"
     for i in $(seq 1 "$n"); do
@@ -128,7 +132,9 @@ cluster_up() {
 
 cluster_ready() {
   local n=$1 idle
-  idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated)$' || true)
+  # completing counts as up: tests share the cluster, and one whose fixture asked while another's job was
+  # ending must not restart it (that kills every job on it)
+  idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated|completing)$' || true)
   [ "$idle" = "$n" ]
 }
 

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The test suite on a fresh Debian 12 machine (root): set-up, a real 2-node local Slurm cluster,
 # every test (unit + integration on that cluster), then the cluster is stopped again.
-#   bash envs/test.sh [pytest args]
+#   bash envs/test.sh                 # everything, in three phases (below): what CI runs
+#   bash envs/test.sh --quick         # the development loop: unit tests but the slow ones, and one
+#                                     # representative job of each integration module (marker quick)
+#   bash envs/test.sh [pytest args]   # just those, in one pytest run
+# Phase 1 runs everything else on HPCFT_TEST_WORKERS (2) xdist workers: integration modules wait on Slurm
+# while unit tests compute. Phase 2 runs the tests that assert wall-time bounds (marker quiet) on a quiet
+# machine, 2 at a time; phase 3 those that restart the cluster (cluster_restart), alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash envs/setup.sh
@@ -17,4 +23,20 @@ fi
 bash envs/local-cluster.sh up --nodes 2
 trap 'bash envs/local-cluster.sh down' EXIT
 eval "$(bash envs/local-cluster.sh env)"
-.venv/bin/python -m pytest -q "$@"
+PYTEST=(.venv/bin/python -m pytest -q)
+if [ "${1:-}" = "--quick" ]; then
+  shift
+  "${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-4}" --no-loadscope-reorder \
+    -m "(quick or not slurm) and not slow and not quiet and not cluster_restart" "$@"
+  exit
+fi
+if [ $# -gt 0 ]; then
+  "${PYTEST[@]}" "$@"
+  exit
+fi
+rc=0
+"${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-2}" --no-loadscope-reorder -m "not quiet and not cluster_restart" || rc=$?
+# the time-limit jobs mostly sleep while the hang and SIGKILL jobs run beside them: 2 workers
+"${PYTEST[@]}" -n 2 -m "quiet and not cluster_restart" || rc=$((rc ? rc : $?))
+"${PYTEST[@]}" -m cluster_restart || rc=$((rc ? rc : $?))
+exit "$rc"

@@ -17,6 +17,8 @@ from hpcft.rankstats import percentile, rank_summary, step_stats, straggler_line
 from hpcft.train.config import TrainConfig
 from hpcft.train.watchdog import Progress
 
+pytestmark = pytest.mark.quiet  # watchers and timers with second bounds: run with the machine to itself
+
 MAIN = "0x00007f0000000001"
 DUMP = [f"hpcft.watchdog: rank 1: no progress for 20 s (hang_timeout_s 20) after step 5, in phase forward; the stack "
         f"of every thread follows (main thread {MAIN})",

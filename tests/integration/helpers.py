@@ -66,3 +66,36 @@ def wait_for_step(metrics, step: int, timeout_s: float = 300) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"no step {step} in {metrics} after {timeout_s} s")
+
+
+LONG = {"num_epochs": 6, "max_train_step": 0, "lr": 1e-3, "save_every": 100}  # 270 steps of 2 x 1 ranks
+
+
+def submit_named(tmp_path, tiny_model, name, *, train, resources=None, launch=None, env=None):
+    """`hpcft submit` of a spec named `name`: (job id, its run directory)."""
+    extra = {**({"launch": launch} if launch else {}), **({"env": env} if env else {})}
+    spec = write_spec(tmp_path, tiny_model, filename=f"{name}.yaml", name=name, train=train,
+                      resources=resources or {"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 2, "time": "00:10:00"},
+                      **extra)
+    proc = run([*HPCFT, "submit", str(spec)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = submitted_job_id(proc.stdout)
+    return job_id, tmp_path / "runs" / name / job_id
+
+
+def restarts(job_id: str) -> int:
+    out = run(["scontrol", "-o", "show", "job", job_id]).stdout
+    return int(next(w.split("=", 1)[1] for w in out.split() if w.startswith("Restarts=")))
+
+
+def selected(request) -> dict[str, set]:
+    """This module's tests that the session runs (after -m/-k): test name -> the values of its `name`,
+    `strategy` or `backend` parameter (None when unparametrised). Module fixtures submit just those jobs,
+    so a quick or -k run does not wait for a whole matrix."""
+    out: dict[str, set] = {}
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            value = next((params[k] for k in ("name", "strategy", "backend") if k in params), None)
+            out.setdefault(item.originalname, set()).add(value)
+    return out

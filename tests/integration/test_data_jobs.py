@@ -65,6 +65,7 @@ def test_prepare_job_then_cache_hits_and_one_tokenization_per_job(cluster, tiny_
     assert len(entries) == 2  # context 256 and 192: one entry each, nothing half-written left
 
 
+@pytest.mark.quick
 def test_a_failed_preparation_cancels_its_training_job(cluster, tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "what form is this?"}\n')

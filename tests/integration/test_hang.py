@@ -12,7 +12,8 @@ import pytest
 from hpcft.jobs import wait_for
 from tests.integration.helpers import HPCFT, run, submitted_job_id, wait_for_step, write_spec
 
-pytestmark = pytest.mark.slurm
+# its bounds are wall time (the job ends within 2 x HANG): run with the machine to itself (envs/test.sh)
+pytestmark = [pytest.mark.slurm, pytest.mark.quiet]
 HANG = 20  # hang_timeout_s of both jobs; timeout_s (collectives) is well above 2 x HANG
 TRAIN = {"num_epochs": 6, "max_train_step": 0, "lr": 1e-3, "hang_timeout_s": HANG, "timeout_s": 150,
          "run_validation": False, "save_model": False}

@@ -1,6 +1,6 @@
-"""Nothing lost, nothing hung, on the real local cluster: a job warned before its time limit
-checkpoints, requeues itself and resumes with exactly the losses of an uninterrupted run; scancel
-is not mistaken for that; a rank killed with SIGKILL ends the whole job fast and is named."""
+"""Nothing lost, nothing hung, on the real local cluster: scancel is not mistaken for preemption
+(time limits that requeue: test_time_limits.py); a rank killed with SIGKILL ends the whole job fast
+and is named; injection stays inert; twenty jobs at once; a kill mid-checkpoint costs nothing saved."""
 import hashlib
 import json
 import os
@@ -11,75 +11,10 @@ import time
 import pytest
 
 from hpcft.jobs import job_info, wait_for
-from tests.integration.helpers import HPCFT, ROOT, run, submitted_job_id, train_losses, wait_for_step, write_spec
+from tests.integration.helpers import (HPCFT, LONG, ROOT, restarts, run, submit_named as submit, submitted_job_id,
+                                       wait_for_step, write_spec)
 
 pytestmark = pytest.mark.slurm
-LONG = {"num_epochs": 6, "max_train_step": 0, "lr": 1e-3, "save_every": 100}
-
-
-def submit(tmp_path, tiny_model, name, *, train, resources=None, launch=None, env=None):
-    extra = {**({"launch": launch} if launch else {}), **({"env": env} if env else {})}
-    spec = write_spec(tmp_path, tiny_model, filename=f"{name}.yaml", name=name, train=train,
-                      resources=resources or {"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 2, "time": "00:10:00"},
-                      **extra)
-    proc = run([*HPCFT, "submit", str(spec)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job_id = submitted_job_id(proc.stdout)
-    return job_id, tmp_path / "runs" / name / job_id
-
-
-def restarts(job_id: str) -> int:
-    out = run(["scontrol", "-o", "show", "job", job_id]).stdout
-    return int(next(w.split("=", 1)[1] for w in out.split() if w.startswith("Restarts=")))
-
-
-@pytest.fixture(scope="module")
-def reference(cluster, tiny_model, tmp_path_factory):
-    """The uninterrupted run that both time-limit tests compare against, submitted once; each test
-    waits for it, so it runs alongside the first test's own job."""
-    return submit(tmp_path_factory.mktemp("reference"), tiny_model, "reference", train=LONG,
-                  launch={"signal_lead_s": 0})
-
-
-def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster, tiny_model, tmp_path, reference):
-    # 270 steps take longer than what a 2-minute job has left after start-up and the 50 s warning.
-    ref_id, ref_dir = reference
-    job_id, run_dir = submit(tmp_path, tiny_model, "preempted", train=LONG,
-                             resources={"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 2, "time": "2"},
-                             launch={"signal_lead_s": 50})
-    assert wait_for(ref_id, timeout_s=600).state == "COMPLETED"
-    assert wait_for(job_id, timeout_s=900).state == "COMPLETED"
-    assert restarts(job_id) >= 1  # interrupted at least once, then requeued by its own batch script
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(1, 271))  # contiguous: none lost, none repeated
-    assert any(r.get("event") == "preempted" and r.get("signal") == "SIGUSR1" for r in records)
-    straight = train_losses(ref_dir / "metrics.jsonl")
-    resumed = train_losses(run_dir / "metrics.jsonl")
-    assert max(abs(straight[s] - resumed[s]) for s in straight) < 1e-5
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["finished"] and summary["resumed_from"]
-
-
-def test_submitit_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, tiny_model, tmp_path, reference):
-    """The same spec under submitit: its USR2 warning, its checkpoint() and its requeue."""
-    ref_id, ref_dir = reference
-    job_id, run_dir = submit(tmp_path, tiny_model, "preempted-submitit", train=LONG,
-                             resources={"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 2, "time": "2"},
-                             launch={"signal_lead_s": 50, "backend": "submitit"})
-    assert wait_for(ref_id, timeout_s=600).state == "COMPLETED"
-    assert wait_for(job_id, timeout_s=900).state == "COMPLETED"
-    assert restarts(job_id) >= 1  # interrupted at least once, then requeued by submitit
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(1, 271))
-    assert any(r.get("event") == "preempted" and r.get("signal") == "SIGUSR2" for r in records)
-    straight = train_losses(ref_dir / "metrics.jsonl")
-    resumed = train_losses(run_dir / "metrics.jsonl")
-    assert max(abs(straight[s] - resumed[s]) for s in straight) < 1e-5
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["finished"] and summary["resumed_from"]
-    assert not (run_dir / "requeue").exists()
 
 
 @pytest.mark.parametrize("backend", ["sbatch", "submitit"])
@@ -93,6 +28,7 @@ def test_scancel_is_not_mistaken_for_preemption(cluster, tiny_model, tmp_path, b
     assert not (run_dir / "requeue").exists()
 
 
+@pytest.mark.quiet  # "fast" is a time bound: measured with the machine to itself
 def test_sigkill_of_one_rank_ends_the_job_fast_and_logs_name_it(cluster, tiny_model, tmp_path):
     job_id, run_dir = submit(tmp_path, tiny_model, "killed", train=LONG,
                              resources={"nodes": 2, "gpus_per_node": 2, "cpus_per_task": 2, "time": "00:10:00"})
@@ -124,6 +60,7 @@ def test_doctor_stops_nodes_that_formed_separate_worlds(cluster, tmp_path):
     assert "spans 1 host(s)" in proc.stderr and "Slurm allocated 2 node(s): nodes formed separate worlds" in proc.stderr
 
 
+@pytest.mark.quick
 def test_injection_attempts_stay_inert_and_secrets_stay_unwritten(cluster, tiny_model, tmp_path):
     """Values with $(), backticks, ; and newlines reach the job unchanged and run nothing; a secret
     in the submitting environment reaches the job by name and is written nowhere."""

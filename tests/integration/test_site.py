@@ -6,6 +6,7 @@ taken on the head node before the job starts."""
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,6 +81,7 @@ setenv("HPCFT_TEST_MODULE", "loaded")
 """
 
 
+@pytest.mark.quick
 def test_modules_and_a_container_runtime_around_the_launcher(cluster, tiny_model, tmp_path):
     """`launch.modules` through the real Lmod (Debian's lmod), `launch.container` with runtime apptainer
     through a stand-in that records its argv and runs the command: the job completes, the module's
@@ -163,18 +165,31 @@ def test_chains_node_selection_and_a_taken_rendezvous_port(cluster, tiny_model, 
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.strip()
     assert first.isdigit()
-    # The next job id is first + 1 (Slurm counts up; nothing else submits here): take its port on node1.
+    # The second job waits on a held job too, so its id is known (and its derived port taken on node1)
+    # before it can start, whatever else the suite submits meanwhile.
     second_spec = write_spec(tmp_path, tiny_model, filename="b.yaml", name="second",
                              resources={"nodes": 2, "gpus_per_node": 1, "cpus_per_task": 1, "time": "00:10:00"},
                              train={"max_train_step": 2, "save_model": False, "run_validation": False})
+    gate = run(["sbatch", "--parsable", "--hold", "--nodes=1", "--time=1", "--output=/dev/null", "--wrap", "true"],
+               cwd=tmp_path).stdout.strip().split(";")[0]
+    submitting = subprocess.Popen([*HPCFT, "submit", "--after", f"{first}:afterany", "--after", f"{gate}:afterany",
+                                   "--wait", str(second_spec)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    head = []
+    for line in submitting.stdout:
+        head.append(line)
+        if line.strip().startswith("job "):
+            break
+    second = submitted_job_id("".join(head))
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.bind(("0.0.0.0", rdzv_port_for(str(int(first) + 1))))
+        holder.bind(("0.0.0.0", rdzv_port_for(second)))
         holder.listen()
-        proc = run([*HPCFT, "submit", "--after", f"{first}:afterany", "--wait", str(second_spec)], cwd=tmp_path)
-        second = submitted_job_id(proc.stdout)
-        assert second == str(int(first) + 1)
-        assert proc.returncode == 0, proc.stdout[-3000:]
+        assert job_info(second).state == "PENDING"  # --after holds it
+        assert run(["scontrol", "release", gate]).returncode == 0
+        rest, err = submitting.communicate(timeout=900)
+        proc = subprocess.CompletedProcess(submitting.args, submitting.returncode, "".join(head) + rest, err)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "job" in proc.stdout and "COMPLETED" in proc.stdout and "eval loss" in proc.stdout  # the closing table
     a, b = job_info(first), job_info(second)
     assert a.state == b.state == "COMPLETED" and a.reason == "node2"  # --exclude node1

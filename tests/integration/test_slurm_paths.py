@@ -14,6 +14,7 @@ from tests.integration.helpers import (HPCFT, ROOT, TRAIN_FLAGS, check_run, job_
 pytestmark = pytest.mark.slurm
 
 
+@pytest.mark.quick
 def test_submit_sbatch_2_nodes_x_2(cluster, tiny_model, tmp_path):
     spec = write_spec(tmp_path, tiny_model)
     proc = run([*HPCFT, "submit", "--nodes", "2", "--gpus-per-node", "2", str(spec), "--wait"], cwd=tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpcft.jobs import wait_for
-from tests.integration.helpers import HPCFT, ROOT, run, submitted_job_id, write_spec
+from tests.integration.helpers import HPCFT, ROOT, run, selected, submitted_job_id, write_spec
 
 pytestmark = pytest.mark.slurm
 N_EXAMPLES = 44  # global batch 8: 5 full steps and one of 4 examples (fillers on some ranks) per epoch
@@ -36,17 +36,22 @@ def small_data(tmp_path_factory) -> Path:
     return path
 
 
-def submit_stage(tmp_path, tiny_model, data, name, nodes, ranks, steps_this_run, strategy):
+def submit_stage(tmp_path, tiny_model, data, name, nodes, ranks, steps_this_run, strategy, after=None):
+    """Queues one stage (after the job `after`, if given): (job id, its run directory)."""
     spec = write_spec(tmp_path, tiny_model, filename=f"{name}-{nodes}x{ranks}.yaml", name=name,
                       train={**TRAIN, "data_path": str(data), "strategy": strategy,
                              "max_steps_this_run": steps_this_run},
                       resources={"nodes": nodes, "gpus_per_node": ranks, "cpus_per_task": 1, "time": "00:10:00"},
                       env={"HPCFT_SAMPLE_LOG": "1"})
-    proc = run([*HPCFT, "submit", str(spec)], cwd=tmp_path)
+    proc = run([*HPCFT, "submit", str(spec), *(["--after", after] if after else [])], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = submitted_job_id(proc.stdout)
-    assert wait_for(job_id, timeout_s=600).state == "COMPLETED", job_id
-    return tmp_path / "runs" / name / job_id
+    return job_id, tmp_path / "runs" / name / job_id
+
+
+def completed(job_id: str, run_dir: Path) -> Path:
+    assert wait_for(job_id, timeout_s=900).state == "COMPLETED", job_id
+    return run_dir
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -64,21 +69,41 @@ def seen_ids(run_dirs: list[Path]) -> dict[int, list[int]]:
     return out
 
 
+STRATEGIES = ("ddp", "fsdp", "zero3")
+
+
 @pytest.fixture(scope="module")
-def reference(cluster, tiny_model, small_data, tmp_path_factory):
-    run_dir = submit_stage(tmp_path_factory.mktemp("ref"), tiny_model, small_data, "straight", 2, 2, 0, "ddp")
+def queued(request, cluster, tiny_model, small_data, tmp_path_factory):
+    """The uninterrupted reference and every stage of the three moving runs, queued at once: each stage
+    waits for the one before it (--after), so the three chains run side by side."""
+    ref = submit_stage(tmp_path_factory.mktemp("ref"), tiny_model, small_data, "straight", 2, 2, 0, "ddp")
+    chains = {}
+    wanted = selected(request).get("test_resume_on_other_world_sizes_matches_an_uninterrupted_run", set())
+    for strategy in (s for s in STRATEGIES if s in wanted):
+        tmp, after, chains[strategy] = tmp_path_factory.mktemp(f"moving-{strategy}"), None, []
+        for nodes, ranks, steps in STAGES:
+            job_id, run_dir = submit_stage(tmp, tiny_model, small_data, f"moving-{strategy}", nodes, ranks, steps,
+                                           strategy, after=after)
+            chains[strategy].append((job_id, run_dir))
+            after = job_id
+    return ref, chains
+
+
+@pytest.fixture(scope="module")
+def reference(queued):
+    run_dir = completed(*queued[0])
     return losses(run_dir), seen_ids([run_dir])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
-def test_resume_on_other_world_sizes_matches_an_uninterrupted_run(cluster, tiny_model, small_data, tmp_path,
-                                                                  reference, strategy):
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.quick) if s == "fsdp" else s
+                                      for s in STRATEGIES])
+def test_resume_on_other_world_sizes_matches_an_uninterrupted_run(queued, reference, strategy):
     ref_losses, ref_ids = reference
     assert sorted(ref_losses) == list(range(1, 13))  # 6 steps per epoch of global batch 8, 2 epochs
     assert {e: sorted(ids) for e, ids in ref_ids.items()} == {0: list(range(N_EXAMPLES)), 1: list(range(N_EXAMPLES))}
     dirs, step = [], 0
-    for nodes, ranks, steps in STAGES:
-        d = submit_stage(tmp_path, tiny_model, small_data, f"moving-{strategy}", nodes, ranks, steps, strategy)
+    for (nodes, ranks, _), stage in zip(STAGES, queued[1][strategy]):
+        d = completed(*stage)
         dirs.append(d)
         got = losses(d)
         assert min(got) == step + 1, (d, sorted(got))  # continued right after the previous stage's last step
