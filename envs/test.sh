@@ -5,9 +5,10 @@
 #   bash envs/test.sh --quick         # the development loop: unit tests but the slow ones, and one
 #                                     # representative job of each integration module (marker quick)
 #   bash envs/test.sh [pytest args]   # just those, in one pytest run
-# Phase 1 runs everything else on HPCFT_TEST_WORKERS (2) xdist workers: integration modules wait on Slurm
-# while unit tests compute. Phase 2 runs the tests that assert wall-time bounds (marker quiet) on a quiet
-# machine, 2 at a time; phase 3 those that restart the cluster (cluster_restart), alone.
+# Phase 1 runs everything else on HPCFT_TEST_WORKERS (1) xdist worker(s): on 2 cores, 2 workers kept the
+# CPU 3-4x oversubscribed and were slower (tests/README.md); more cores, more workers. Phase 2 runs the
+# tests that assert wall-time bounds (marker quiet) on a quiet machine, 2 at a time; phase 3 those that
+# restart the cluster (cluster_restart), alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash envs/setup.sh
@@ -26,7 +27,7 @@ eval "$(bash envs/local-cluster.sh env)"
 PYTEST=(.venv/bin/python -m pytest -q)
 if [ "${1:-}" = "--quick" ]; then
   shift
-  "${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-4}" --no-loadscope-reorder \
+  "${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-2}" --no-loadscope-reorder \
     -m "(quick or not slurm) and not slow and not quiet and not cluster_restart" "$@"
   exit
 fi
@@ -35,7 +36,7 @@ if [ $# -gt 0 ]; then
   exit
 fi
 rc=0
-"${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-2}" --no-loadscope-reorder -m "not quiet and not cluster_restart" || rc=$?
+"${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-1}" --no-loadscope-reorder -m "not quiet and not cluster_restart" || rc=$?
 # the time-limit jobs mostly sleep while the hang and SIGKILL jobs run beside them: 2 workers
 "${PYTEST[@]}" -n 2 -m "quiet and not cluster_restart" || rc=$((rc ? rc : $?))
 "${PYTEST[@]}" -m cluster_restart || rc=$((rc ? rc : $?))
