@@ -1,5 +1,6 @@
 """ZeRO-3 in fp32 keeps one fp32 partition per rank, not two: hpcft's narrow fix while the installed
-DeepSpeed compares a device with a string, none once DeepSpeed's own code takes its intended branch."""
+DeepSpeed compares a device with a string, none once DeepSpeed's own code takes its intended branch.
+ZeRO ranks start DeepSpeed's comm without its inference-only shared-memory op."""
 import json
 import os
 import subprocess
@@ -32,3 +33,5 @@ def test_fp32_master_partitions_are_not_copied(tiny_model, precision, shared):
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["shared"] is shared and result["groups"] >= 1
     assert result["patched"] == result["bug_in_deepspeed"] == fp32_partition_copy_bug()
+    assert result["shm_op"] is False  # DeepSpeed's inference-only shared-memory op: not built, not loaded
+    assert "deepspeed_shm_comm" not in proc.stdout + proc.stderr

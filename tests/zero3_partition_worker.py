@@ -1,11 +1,13 @@
 """Under torchrun: hpcft's apply_zero for ZeRO-3 on the tiny model, then one line saying whether every
-fp32 master partition is the parameter partition itself (no second copy) and whether hpcft's patch ran.
+fp32 master partition is the parameter partition itself (no second copy), whether hpcft's patch ran and
+whether DeepSpeed's comm backend loaded its shared-memory (inference) op.
 
     torchrun --standalone --nproc-per-node 2 tests/zero3_partition_worker.py MODEL_DIR fp32
 """
 import json
 import sys
 
+import deepspeed.comm.comm as ds_comm
 from transformers import AutoModelForCausalLM
 
 from hpcft.distenv import collect_dist_env
@@ -22,7 +24,8 @@ pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_f
 if rt.is_main:
     print("RESULT " + json.dumps({"shared": all(a is b for a, b in pairs), "groups": len(pairs),
                                   "bug_in_deepspeed": fp32_partition_copy_bug(),
-                                  "patched": getattr(type(opt)._create_fp32_partitions, "_hpcft_patch", False)}),
+                                  "patched": getattr(type(opt)._create_fp32_partitions, "_hpcft_patch", False),
+                                  "shm_op": ds_comm.cdb.shm_comm_op is not None}),
           flush=True)
 del engine, opt, pairs
 cleanup()

@@ -28,6 +28,7 @@ from torch import nn
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
 from hpcft.train.model import adapter_init, is_adapter, load_model, model_class
+from hpcft.train.zero_patches import init_zero_comm
 
 WEIGHT_MODES = {"full": "read whole by every rank", "sharded": "read by each rank for its own shard only",
                 "zero_init": "read by each rank for its own ZeRO-3 partition only",
@@ -232,7 +233,7 @@ def build_under_zero_init(cfg: TrainConfig, rt: Runtime, *, seq2seq: bool, dtype
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
-    deepspeed.init_distributed(dist_backend=rt.backend)
+    init_zero_comm(rt.backend)
     # As transformers' own ZeRO-3 path builds: no weight init on the empty partitions (the files fill them),
     # rotary buffers kept in fp32 under zero.Init's dtype casting.
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=zero_config):
@@ -254,10 +255,9 @@ def fill_zero_partitions(model: nn.Module, weights: SafetensorsWeights) -> None:
 def load_under_hf_zero(cfg: TrainConfig, rt: Runtime, *, seq2seq: bool, dtype: torch.dtype,
                        zero_config: dict) -> nn.Module:
     """from_pretrained with HF's DeepSpeed integration switched on for the call: under zero.Init."""
-    import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    deepspeed.init_distributed(dist_backend=rt.backend)
+    init_zero_comm(rt.backend)
     marker = HfDeepSpeedConfig(zero_config)  # transformers holds only a weak reference: keep this one alive
     try:
         model = load_model(cfg, seq2seq=seq2seq, dtype=dtype, device=rt.device)

@@ -19,7 +19,7 @@ from hpcft.train.loading import WeightLoad, broadcast_from_rank0, materialize_sh
 from hpcft.train.model import is_quantized
 from hpcft.train.optim import build_optimizer
 from hpcft.train.precision import resolve_precision
-from hpcft.train.zero_patches import patch_fp32_partitions
+from hpcft.train.zero_patches import init_zero_comm, patch_fp32_partitions
 
 
 def _torch_engine(model: nn.Module, hf_model: nn.Module, cfg: TrainConfig, rt: Runtime, total_steps: int):
@@ -150,7 +150,7 @@ def apply_zero(model: nn.Module, *, cfg: TrainConfig, rt: Runtime, total_steps: 
 
     stage = int(cfg.strategy[-1])
     conf = deepspeed_config(cfg, rt, stage, hidden_size=model_shape(model.config)[1])
-    deepspeed.init_distributed(dist_backend=rt.backend)
+    init_zero_comm(rt.backend)
     if stage == 3 and patch_fp32_partitions() and rt.is_main:
         print("hpcft.zero: ZeRO-3 reuses fp32 partitions as its fp32 master copy (DeepSpeed compares a device with "
               "a string there and would keep a second copy; hpcft.train.zero_patches)", flush=True)

@@ -6,9 +6,15 @@ don't need another copy"). It tests `partition.device == self.device`, where sel
 ("cpu", "cuda:0"); a torch.device never equals a string, so every fp32 run keeps a second fp32 copy of
 each rank's partition. For the length of that one method, self.device becomes a string that does equal
 the matching torch.device, and DeepSpeed's intended branch is taken.
+
+On CPU, DeepSpeed's comm backend loads its shared-memory op (`deepspeed_shm_comm`) as it starts: the
+first rank on a machine compiles it with ninja (about 2 CPU-minutes), every later one waits on the
+build's lock and checks it. Only `inference_all_reduce` (tensor-parallel inference) uses it; training
+reduces through torch.distributed. `init_zero_comm` starts DeepSpeed's comm without it.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import torch
@@ -59,3 +65,19 @@ def patch_fp32_partitions() -> bool:
     _create_fp32_partitions.__wrapped__ = original
     Stage3._create_fp32_partitions = _create_fp32_partitions
     return True
+
+
+def init_zero_comm(backend: str) -> None:
+    """deepspeed.init_distributed for training ranks: without the shared-memory op that only DeepSpeed's
+    inference all-reduce uses (on CPU it is compiled, and loaded by every rank, for nothing)."""
+    import deepspeed
+
+    # by name: `import deepspeed.comm.torch as x` binds torch itself (deepspeed.comm imports torch)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if callable(getattr(ds_torch_comm, "build_shm_op", None)):
+        ds_torch_comm.build_shm_op = _no_shm_op
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _no_shm_op():
+    return None
