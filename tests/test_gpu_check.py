@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def test_run_sh_skips_cleanly_without_cuda():
     assert "no CUDA device here (torch.cuda.is_available() is False): skipped" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_harness_runs_its_cases_on_cpu_ranks(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tests/gpu/matrix.py"), "--out", str(tmp_path), "--cpu-smoke",
                            "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)

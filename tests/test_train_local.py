@@ -42,6 +42,7 @@ def test_single_process_trains_saves_and_reloads(tmp_path, tiny_model):
     assert sum(p.numel() for p in model.parameters()) > 100_000 and tok.eos_token_id is not None
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_halve_steps_per_epoch(tmp_path, tiny_model):
     _, one, _ = run_train(tmp_path / "a", tiny_model, sys.executable, extra=["--max_train_step=2"])
     _, two, _ = run_train(tmp_path / "b", tiny_model, sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -57,6 +58,7 @@ def test_bad_flag_is_one_line_exit_2(tiny_model):
     assert proc.stderr.strip() == "hpcft.train: error: train.lr: must be a number (got 'fast')"
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_entrypoint_unchanged(tmp_path, tiny_model):
     accelerate = Path(sys.executable).parent / "accelerate"
     _, summary, _ = run_train(tmp_path, tiny_model, str(accelerate), "launch", "--multi_gpu", "--num_processes=2",
@@ -65,6 +67,7 @@ def test_accelerate_launch_runs_the_entrypoint_unchanged(tmp_path, tiny_model):
     assert summary["launcher"] == "accelerate" and summary["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_packing_and_bf16_and_activation_checkpointing(tmp_path, tiny_model):
     _, summary, proc = run_train(tmp_path, tiny_model, sys.executable, extra=[
         "--batching_strategy=packing", "--context_length=128", "--precision=bf16", "--activation_checkpointing=true",
@@ -116,13 +119,17 @@ def bin_model(tmp_path_factory, tiny_model):
     return out
 
 
+SLOW = pytest.mark.slow  # envs/test.sh --quick keeps the first loading path; the full run keeps them all
+
+
 @pytest.mark.parametrize("flags, lora, bin_weights, mode", [
-    (["--strategy=fsdp"], False, False, "sharded"),
-    (["--strategy=fsdp"], True, False, "sharded"),
-    (["--strategy=fsdp"], True, True, "rank0"),
-    (["--strategy=zero3", "--offload_optimizer=true", "--offload_params=true"], True, False, "zero_init"),
-    (["--strategy=zero3"], False, True, "zero_hf"),
-], ids=["fsdp-sharded", "fsdp-sharded-lora", "fsdp-bin-rank0-lora", "zero3-init-offload-lora", "zero3-bin-hf"])
+    pytest.param(["--strategy=fsdp"], False, False, "sharded", id="fsdp-sharded"),
+    pytest.param(["--strategy=fsdp"], True, False, "sharded", id="fsdp-sharded-lora", marks=SLOW),
+    pytest.param(["--strategy=fsdp"], True, True, "rank0", id="fsdp-bin-rank0-lora", marks=SLOW),
+    pytest.param(["--strategy=zero3", "--offload_optimizer=true", "--offload_params=true"], True, False, "zero_init",
+                 id="zero3-init-offload-lora", marks=SLOW),
+    pytest.param(["--strategy=zero3"], False, True, "zero_hf", id="zero3-bin-hf", marks=SLOW),
+])
 def test_weight_loading_paths_train_the_same_model(tmp_path, tiny_model, bin_model, ddp_reference, flags, lora,
                                                    bin_weights, mode):
     """Each way a rank gets the weights (hpcft.train.loading: its own shard or ZeRO-3 partition read from
@@ -137,6 +144,7 @@ def test_weight_loading_paths_train_the_same_model(tmp_path, tiny_model, bin_mod
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
 
 
+@pytest.mark.slow
 def test_compile_with_fsdp_lora_and_activation_checkpointing_trains_the_same(tmp_path, tiny_model):
     """train.compile: each transformer block torch.compile'd (regional) under FSDP2, with LoRA and
     activation checkpointing: the same first loss as eager (1e-5) and later ones within 1e-3 (compiled

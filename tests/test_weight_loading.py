@@ -93,6 +93,7 @@ def model_300m(tmp_path_factory):
     shutil.rmtree(out, ignore_errors=True)  # 1.2 GB: not kept for the rest of the session
 
 
+@pytest.mark.slow
 def test_four_ranks_hold_about_one_copy_of_a_300m_model_while_loading(tmp_path, model_300m):
     """4 ranks on one node, fsdp and zero3: the ranks' peak RSS added while the weights load and shard,
     summed, stays within 1.5x one copy of the weights (every rank reading the whole model was ~4x), and

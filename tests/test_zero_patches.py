@@ -21,7 +21,7 @@ def test_a_device_name_equals_the_device_it_names():
     assert torch.device("cpu") != "cpu"  # what DeepSpeed's comparison runs into
 
 
-@pytest.mark.parametrize("precision, shared", [("fp32", True), ("bf16", False)])
+@pytest.mark.parametrize("precision, shared", [("fp32", True), pytest.param("bf16", False, marks=pytest.mark.slow)])
 def test_fp32_master_partitions_are_not_copied(tiny_model, precision, shared):
     """Either case of the installed DeepSpeed: with the bug, the patch must run and share; without it,
     DeepSpeed shares by itself and hpcft leaves it alone. bf16 weights need their fp32 copy."""

@@ -45,6 +45,7 @@ def files(d: Path) -> dict:
     return {p.relative_to(d): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_zero_checkpoints_resume_on_other_world_sizes(tmp_path):
     ref, _ = launch(2, tmp_path, "ref")
     ckpts = {s: CheckpointPaths(tmp_path / f"zero{s}" / "step-00000003") for s in STAGES}
