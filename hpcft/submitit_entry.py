@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ class NodeTask:
 
     def __call__(self) -> int:
         from submitit import JobEnvironment
-        from submitit.core.utils import UncompletedJobError
 
         job_id = collect_slurm_env().job_id or "0"
         env = dict(os.environ, **self.env)
@@ -43,15 +43,29 @@ class NodeTask:
         os.makedirs(env[RUN_DIR_VAR], exist_ok=True)
         self._launcher = subprocess.Popen([sys.executable, "-m", "hpcft.launch", "--node", "--", *self.command],
                                           env=env)
-        try:
-            rc = self._launcher.wait()
-        except UncompletedJobError:
-            # submitit's handler raises this (procid 0) when checkpoint() declined the requeue. The
-            # launcher has exited by then; its status decides, as on the sbatch path.
-            rc = self._launcher.wait()
+        rc = self._wait_then_ignore_warnings()
         if rc != 0:
             raise RuntimeError(f"node launcher exited with status {rc}; see hpcft logs {job_id}")
         return rc
+
+    def _wait_then_ignore_warnings(self) -> int:
+        """The launcher's exit status; from then on this process ignores submitit's warning signal.
+        Once the launcher is gone a warning has nothing to stop or checkpoint, and one that lands while
+        Python exits (its handlers are reset to the default then, which kills) ends this task by a
+        signal: Slurm then fails the whole job after a run that finished (seen when the last step ended
+        at the warning: the job FAILED with its model exported)."""
+        from submitit import JobEnvironment
+        from submitit.core.utils import UncompletedJobError
+
+        while True:
+            try:
+                rc = self._launcher.wait()
+                signal.signal(JobEnvironment._usr_sig(), signal.SIG_IGN)
+                return rc
+            except UncompletedJobError:
+                # submitit's handler raises this (procid 0) when checkpoint() declined the requeue. The
+                # launcher has exited by then; its status decides, as on the sbatch path.
+                continue
 
     def checkpoint(self):
         """Called by submitit's signal handler on procid 0. Returns the task to run again after the

@@ -98,3 +98,34 @@ def test_no_requeue_without_a_marker_or_with_requeue_off(tmp_path, requeue, mark
         (tmp_path / "job" / "42" / "requeue").write_text("7\n")
     rc, got = _checkpoint_from_a_signal_handler(tmp_path / "job", "import time; time.sleep(0.5)", requeue=requeue)
     assert rc == 0 and got == [None]
+
+
+LATE_WARNING = """
+import signal, subprocess, sys
+from submitit.core.utils import UncompletedJobError
+from hpcft.submitit_entry import NodeTask
+task = NodeTask(command=["-m", "hpcft.train"], job_dir=sys.argv[1])
+task._launcher = subprocess.Popen([sys.executable, "-c", sys.argv[2]])
+def declined(*_):  # submitit's handler on procid 0 when checkpoint() finds no marker
+    assert task.checkpoint() is None
+    raise UncompletedJobError("Job not requeued because: checkpoint function returned None.")
+signal.signal(signal.SIGUSR2, declined)
+signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGUSR2))
+if float(sys.argv[3]):  # a warning while the launcher still runs, as well
+    signal.setitimer(signal.ITIMER_REAL, float(sys.argv[3]))
+rc = task._wait_then_ignore_warnings()
+print(rc, flush=True)
+signal.raise_signal(signal.SIGUSR2)  # the warning once the launcher is gone, as while Python exits
+"""
+
+
+@pytest.mark.parametrize("warned_at", [0.2, 0.0])
+def test_a_warning_after_or_while_the_launcher_ends_does_not_fail_the_task(tmp_path, warned_at):
+    """A run whose last step ends at the time-limit warning: the launcher's status is the task's, and a
+    warning once the launcher is gone is ignored (it used to end the task by a signal at exit, and Slurm
+    failed the job after a finished run)."""
+    (tmp_path / "job" / "42").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-c", LATE_WARNING, str(tmp_path / "job"),
+                           "import time, sys; time.sleep(0.5); sys.exit(3)", str(warned_at)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "SLURM_JOB_ID": "42"})
+    assert (proc.returncode, proc.stdout) == (0, "3\n"), proc.stderr
