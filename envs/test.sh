@@ -5,10 +5,12 @@
 #   bash envs/test.sh --quick         # the development loop: unit tests but the slow ones, and one
 #                                     # representative job of each integration module (marker quick)
 #   bash envs/test.sh [pytest args]   # just those, in one pytest run
-# Phase 1 runs everything else on HPCFT_TEST_WORKERS (1) xdist worker(s): on 2 cores, 2 workers kept the
-# CPU 3-4x oversubscribed and were slower (tests/README.md); more cores, more workers. Phase 2 runs the
-# tests that assert wall-time bounds (marker quiet) on a quiet machine, 2 at a time; phase 3 those that
-# restart the cluster (cluster_restart), alone.
+# Three phases (tests/README.md says why): 1, the cluster tests, one at a time on HPCFT_TEST_WORKERS (1)
+# xdist worker(s) (on 2 cores more workers kept the CPU oversubscribed and were slower; more cores, more
+# workers); 2, the tests that assert wall-time bounds (marker quiet) on a quiet machine, 2 at a time;
+# 3, the unit tests (no cluster) while the cluster tests that mostly wait (marker background: time
+# limits) run beside them, then those that restart the cluster (cluster_restart), which no unit test
+# minds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash envs/setup.sh
@@ -36,8 +38,17 @@ if [ $# -gt 0 ]; then
   exit
 fi
 rc=0
-"${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-1}" --no-loadscope-reorder -m "not quiet and not cluster_restart" || rc=$?
-# the time-limit jobs mostly sleep while the hang and SIGKILL jobs run beside them: 2 workers
-"${PYTEST[@]}" -n 2 -m "quiet and not cluster_restart" || rc=$((rc ? rc : $?))
-"${PYTEST[@]}" -m cluster_restart || rc=$((rc ? rc : $?))
-exit "$rc"
+"${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-1}" --no-loadscope-reorder \
+  -m "slurm and not quiet and not background and not cluster_restart" || rc=$?
+# quiet: the hang and SIGKILL jobs and the watchdog's timers, 2 at a time with nothing else running
+"${PYTEST[@]}" -n 2 -m "quiet and not background and not cluster_restart" || rc=$((rc ? rc : $?))
+beside=$(mktemp "${tmp}/hpcft-tests-beside.XXXXXX")
+"${PYTEST[@]}" -m "background or cluster_restart" >"$beside" 2>&1 &
+beside_pid=$!
+"${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-1}" --no-loadscope-reorder -m "not slurm and not quiet" || rc=$((rc ? rc : $?))
+beside_rc=0
+wait "$beside_pid" || beside_rc=$?
+echo "--- beside the unit tests: the waiting cluster tests, then the cluster restarts (pytest exit $beside_rc)"
+cat "$beside"
+rm -f "$beside"
+exit $((rc ? rc : beside_rc))
