@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 except (BrokenPipeError, OSError):
                     pass
         rc = proc.wait()
+    # The rank is gone: a time-limit warning has nothing left to reach. Ignore it from here on, or one that
+    # lands while Python exits (handlers are reset to the default then, which kills) fails a finished run.
+    ignore_stop_signals()
     write_exit_record(paths.rank_exit(dist.rank), rank=dist.rank, returncode=rc, started=started,
                       stopped=bool(stopped))
     return rc if rc >= 0 else 128 - rc

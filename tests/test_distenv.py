@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from hpcft.distenv import collect_dist_env, collect_slurm_env, min_tasks_per_node, plan_rendezvous, rdzv_port_for
@@ -152,3 +157,23 @@ def test_a_per_task_gpu_request_becomes_the_launchers_node_gpus(per_task, gres):
 
 def test_min_tasks_per_node_reads_slurms_compressed_list():
     assert [min_tasks_per_node(v) for v in ("1(x64)", "8,8,4(x2)", "", None, "x")] == [1, 4, 1, 1, 1]
+
+
+WRAPPER_AT_THE_END = """
+import signal, sys
+from hpcft.rankrun import main
+rc = main([sys.executable, "-c", "pass"])
+print(rc, [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGUSR1, signal.SIGUSR2)], flush=True)
+signal.raise_signal(signal.SIGUSR1)  # the time-limit warning as the wrapper exits
+"""
+
+
+def test_the_rank_wrapper_ignores_a_warning_once_its_rank_has_ended(tmp_path):
+    """A warning that lands while the wrapper exits after a finished rank (Python resets its handlers to
+    the default at exit, which kills) would turn a finished run into a failed job."""
+    env = {**os.environ, "HPCFT_RUN_DIR": str(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "HPCFT_STOP_SIGNAL": "USR2"}
+    proc = subprocess.run([sys.executable, "-c", WRAPPER_AT_THE_END], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "0 [True, True]\n"), proc.stderr
+    assert json.loads((tmp_path / "rank-000.exit.json").read_text())["returncode"] == 0
