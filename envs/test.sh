@@ -13,6 +13,8 @@
 # minds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# CPU-seconds the machine has been busy, all cores (set-up included): the suite is CPU-bound, see the end
+busy0=$(awk -v hz="$(getconf CLK_TCK)" 'NR == 1 {print ($2 + $3 + $4 + $7 + $8 + $9) / hz}' /proc/stat)
 bash envs/setup.sh
 # The training tests write up to ~2 GB under the temp dir at once (a 1.2 GB model among them); a disk
 # that fills mid-run fails unrelated tests with ENOSPC, so say it now instead.
@@ -38,6 +40,8 @@ if [ $# -gt 0 ]; then
   exit
 fi
 rc=0
+HPCFT_TEST_CPU_LOG=$(mktemp "${tmp}/hpcft-tests-cpu.XXXXXX")
+export HPCFT_TEST_CPU_LOG
 "${PYTEST[@]}" -n "${HPCFT_TEST_WORKERS:-1}" --no-loadscope-reorder \
   -m "slurm and not quiet and not background and not cluster_restart" || rc=$?
 # quiet: the hang and SIGKILL jobs and the watchdog's timers, 2 at a time with nothing else running
@@ -51,4 +55,7 @@ wait "$beside_pid" || beside_rc=$?
 echo "--- beside the unit tests: the waiting cluster tests, then the cluster restarts (pytest exit $beside_rc)"
 cat "$beside"
 rm -f "$beside"
+echo "--- where the CPU went (tests/conftest.py: the machine's CPU-seconds while each test ran), ${SECONDS} s wall"
+.venv/bin/python -m tests.cpu_report "$HPCFT_TEST_CPU_LOG" --since "$busy0" || true
+rm -f "$HPCFT_TEST_CPU_LOG"
 exit $((rc ? rc : beside_rc))

@@ -1,5 +1,8 @@
+import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,28 @@ def pytest_xdist_make_scheduler(config, log):
             self._assign_work_unit(node)
 
     return ByModuleFixtures(config, log)
+
+
+# --- Where the CPU goes (envs/test.sh sets HPCFT_TEST_CPU_LOG; tests/cpu_report.py reads it) ----------------
+# The suite is CPU-bound on 2 cores, so wall time says little about which test to make cheaper: each test's
+# line has the CPU-seconds the whole machine spent while it ran (its Slurm jobs and ranks included, and
+# whatever ran beside it: exact where one test runs at a time, phase 1 and 2's parallel tests share it).
+def machine_busy_s() -> float:
+    """CPU-seconds the machine has been busy since boot, all cores together (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    log = os.environ.get("HPCFT_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    busy, start = machine_busy_s(), time.monotonic()
+    yield  # setup (module fixtures count in the first test that needs them), call, teardown
+    record = {"test": item.nodeid, "wall_s": round(time.monotonic() - start, 2),
+              "machine_cpu_s": round(machine_busy_s() - busy, 1)}
+    with open(log, "a") as f:  # one short O_APPEND write per test: xdist workers do not interleave
+        f.write(json.dumps(record) + "\n")
