@@ -8,10 +8,13 @@
         train_config.json, requeue, .preflight/, tensorboard/, profiler/, model/ (model.tmp/ while written),
         checkpoints/step-00000010/ (step-00000010.tmp/ while written; CheckpointPaths)
     <output_dir>/data-cache/                        tokenized data shared by jobs (DataCachePaths; train.data_cache_dir)
+    ${XDG_CACHE_HOME:-~/.cache}/hpcft/              the user's cache: transformers-index-<key>.pickle
+                                                    (hpcft.transformers_index)
 Rank numbers are written with at least three digits everywhere (rank_tag).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,15 @@ class DataCachePaths:
     @property
     def fingerprints(self) -> Path:
         return self.root / "fingerprints"
+
+
+def user_cache_dir() -> Path:
+    """What hpcft keeps for the user across jobs (XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcft"
+
+
+def transformers_index(key: str) -> Path:
+    return user_cache_dir() / f"transformers-index-{key}.pickle"
 
 
 def local_run_dir(stamp: str) -> Path:

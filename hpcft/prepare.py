@@ -261,6 +261,9 @@ def prepare(cfg, root: Path, *, num_proc: int = 0, log: Callable[[str], None] = 
 def main(argv: list[str] | None = None) -> int:
     """python -m hpcft.prepare [--cache-dir=DIR] [--num-proc=N] [--rebuild] <training flags>"""
     from hpcft.train.config import parse_args
+    from hpcft.transformers_index import install
+
+    install()  # the tokenizer imports transformers: its models index from the user's cache
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own: dict[str, str] = {}
