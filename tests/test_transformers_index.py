@@ -2,10 +2,12 @@
 transformers' own scan, built once for all processes, and never cached for a source checkout."""
 import json
 import os
+import pickle
 import subprocess
 import sys
 
-from hpcft.transformers_index import cache_key
+from hpcft.paths import transformers_index
+from hpcft.transformers_index import _read, _write, cache_key
 
 PROBE = """
 import json, os, sys
@@ -39,9 +41,14 @@ def test_the_first_process_builds_the_index_once_and_the_next_reads_it(tmp_path)
     assert len(first["files"]) == 1 and first["files"][0].startswith("transformers-index-")
     second = probe(tmp_path)
     assert second["stats"] == {"asked": 2, "scanned": 0, "read": 1} and second["same"] and second["same_via_init"]
-    (tmp_path / "hpcft" / first["files"][0]).write_bytes(b"torn")  # a damaged file is rebuilt, not used
-    third = probe(tmp_path)
-    assert third["stats"] == {"asked": 2, "scanned": 1, "read": 0} and third["same"]
+
+
+def test_a_damaged_index_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _write("k", pickle.dumps({frozenset(): {"m": {"A"}}}))
+    assert pickle.loads(_read("k")) == {frozenset(): {"m": {"A"}}}
+    transformers_index("k").write_bytes(b"torn")  # a partial copy, a full disk: transformers scans again
+    assert _read("k") is None and _read(None) is None
 
 
 def test_the_key_names_the_install_and_a_source_checkout_has_none(tmp_path):
