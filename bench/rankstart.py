@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def import_seconds(importtime: str) -> tuple[float, set[str]]:
 
 
 def one_rank(tree: Path, run_dir: Path, model: Path, data: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier bench's metrics.jsonl would be appended to
     env = {**os.environ, "PYTHONPATH": str(tree), RUN_DIR_VAR: str(run_dir), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     argv = [PY, "-X", "importtime", "-m", "hpcft.train", f"--model_name={model}", f"--data_path={data}",
