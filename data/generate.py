@@ -1,6 +1,7 @@
 """Writes the small data sets that ship with hpcft (no dataset hub needed):
 
-    python data/generate.py      # -> data/samsum_tiny.jsonl (400), data/alpaca_tiny.jsonl (240), data/chat_tiny.jsonl (240)
+    python data/generate.py      # -> data/samsum_tiny.jsonl (400), data/alpaca_tiny.jsonl (240), data/chat_tiny.jsonl (240),
+    #                               data/grammar_tiny.csv (240)
     python data/generate.py --samsum-long 2000 artifacts/bench/samsum_long.jsonl   # benchmark data
 
 Dialogues are made from templates with a fixed seed, so the files are reproducible. They are
@@ -152,6 +153,39 @@ def chat(n, seed=4):
     return out
 
 
+GRAMMAR = [  # (correct sentence, the same with one error), as llama-recipes' grammar data (JFLEG-style) pairs them
+    ("{a} goes to {place} {day}.", "{a} go to {place} {day}."),
+    ("{a} and {b} have finished {item}.", "{a} and {b} has finished {item}."),
+    ("{a} did not bring {item}.", "{a} did not brought {item}."),
+    ("{a} is meeting {b} at {t}.", "{a} are meeting {b} at {t}."),
+    ("There are two meetings {day}.", "There is two meetings {day}."),
+    ("{a} has been waiting since {t}.", "{a} have been waiting since {t}."),
+    ("{a} bought {item} yesterday.", "{a} buyed {item} yesterday."),
+    ("{a} and {b} were at {place}.", "{a} and {b} was at {place}."),
+]
+
+
+def grammar(n, seed=5):
+    """llama-recipes' grammar form: {"input": a sentence with an error, "target": the corrected sentence}."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        good, bad = GRAMMAR[i % len(GRAMMAR)]
+        a, b = r.sample(NAMES, 2)
+        fill = dict(a=a, b=b, place=r.choice(PLACES), day=r.choice(DAYS), t=r.choice(TIMES), item=r.choice(ITEMS))
+        out.append({"input": bad.format(**fill), "target": good.format(**fill)})
+    return out
+
+
+def write_csv(path: Path, rows):
+    import csv
+
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write(path: Path, rows):
     with path.open("w", encoding="utf-8") as f:  # streamed: --samsum-long writes millions of rows
         for row in rows:
@@ -170,3 +204,4 @@ if __name__ == "__main__":
     write(here / "samsum_tiny.jsonl", samsum(400))
     write(here / "alpaca_tiny.jsonl", alpaca(240))
     write(here / "chat_tiny.jsonl", chat(240))
+    write_csv(here / "grammar_tiny.csv", grammar(240))

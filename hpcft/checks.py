@@ -7,6 +7,7 @@ module names (from its safetensors header). submit.check_inputs runs them before
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -87,3 +88,26 @@ def check_lora_targets(model_dir: str, targets: tuple[str, ...]) -> None:
         leaves = list(dict.fromkeys(m.rpartition(".")[2] for m in modules if not m.rpartition(".")[2].isdigit()))
         raise SpecError("train.lora_target_modules", f"{', '.join(missing)} not in {model_dir}; its modules "
                                                      f"include {', '.join(leaves[:12])}")
+
+
+EXPORT_MARKERS = ("config.json", "adapter_config.json")  # what an earlier export (model or adapter) holds
+
+
+def check_export_dir(path: str | None) -> None:
+    """train.export_dir can take the final model: a new directory under a writable one, or an earlier export
+    (replaced when the run ends). A directory holding anything else is refused: replacing it would delete
+    the user's files."""
+    if not path:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise SpecError("train.export_dir", f"{path} is a file; name a directory for the model")
+    if target.is_dir() and any(target.iterdir()) and not any((target / m).is_file() for m in EXPORT_MARKERS):
+        raise SpecError("train.export_dir", f"{path} holds files that are not an earlier model export; name a new "
+                                            "or empty directory (the export replaces the directory's contents)")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError("train.export_dir", f"cannot create {path}: {parent} is not writable; choose a directory "
+                                            "you can write")

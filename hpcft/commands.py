@@ -29,7 +29,14 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
 
     spec_path, dry_run, wait, prepare = args.spec, args.dry_run, args.wait, args.prepare
     spec = load_spec(spec_path, args.overrides)
-    if command:
+    flag_notes: list[str] = []
+    if command and command[0].startswith("--"):  # flags for the shared entrypoint, over the spec's train:
+        from hpcft.train.config import parse_flags
+
+        train, flag_notes = parse_flags(command, base=spec.train)
+        train.validate()
+        spec = spec.replace(train=train)
+    elif command:
         spec = spec.replace(launch=spec.launch.__class__(**{**spec.launch.__dict__, "command": tuple(command)}))
     spec = resolve_paths(spec, Path.cwd())
     source = spec_path or "hpcft defaults"
@@ -37,6 +44,7 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
         # The same checks as a real submission, so a dry run that prints a script means it would queue.
         for note in [] if args.no_check else check_before_queue(spec):
             err.print(f"hpcft: note: {note}")
+        _print_flag_notes(flag_notes)
         if prepare:
             from hpcft.render import render_prepare_sbatch
 
@@ -55,6 +63,7 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     except SubmitError as exc:
         err.print(f"hpcft: error: {exc}")
         return 2
+    _print_flag_notes(flag_notes)
     if args.parsable:
         print(sub.job_id, flush=True)
         if not wait:
@@ -87,6 +96,12 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
             show_logs(str(sub.run_dir), spec.output_dir, failure_only=True)
         return 1
     return 0
+
+
+def _print_flag_notes(notes: list[str]) -> None:
+    """What each llama-recipes flag after `--` became (once the job passed every check)."""
+    for note in notes:
+        err.print(f"hpcft: llama-recipes flag {note}", markup=False)
 
 
 def sweep(args: argparse.Namespace, _command: list[str]) -> int:
@@ -267,6 +282,10 @@ def show_logs(ref: str, output_dir: str, *, failure_only: bool = False) -> int:
     warning = network_warning(paths, paths.job_output(output_dir))
     if warning:
         err.print(f"[bold yellow]warning:[/] {warning}")
+    if paths.refused.exists():
+        err.print("[bold red]refused before any rank started:[/]", end=" ")
+        err.print(paths.refused.read_text().strip(), markup=False)
+        return 1
     failure = first_failure(paths)
     if failure is None:
         console.print(f"[green]no failed rank in {run_dir}[/]")

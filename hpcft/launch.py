@@ -194,11 +194,32 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("usage: python -m hpcft.launch [--node] -- <python args: -m module ... | script.py ...>", file=sys.stderr)
         return 2
+    refusal = check_entry_flags(args)
+    if refusal:
+        if os.environ.get("SLURM_NODEID", "0") == "0":  # one line per job, not one per node
+            print(refusal, file=sys.stderr, flush=True)
+            if node and os.environ.get(RUN_DIR_VAR):
+                RunPaths(Path(os.environ[RUN_DIR_VAR])).refused.write_text(refusal + "\n")
+        return 2
     if node:
         run_node(args)
     else:
         launch_in_allocation(args)
     return 0  # not reached: both exec
+
+
+def check_entry_flags(command: list[str]) -> str | None:
+    """The shared entrypoint's flags, read and validated before torchrun starts any rank: a typo ends the
+    job in its first seconds with one line, instead of one traceback per rank after every import."""
+    if command[:2] != ["-m", "hpcft.train"] or "--help" in command or "-h" in command:
+        return None
+    from hpcft.train.config import parse_flags
+
+    try:
+        parse_flags(command[2:])[0].validate()
+    except SpecError as exc:
+        return f"hpcft.train: error: {exc}"
+    return None
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
     <output_dir>/<name>/<job-id>/                   the run directory (RunPaths):
         rank-000.log, rank-000.exit.json, rank-000.pid, rank-000.heartbeat.json, nccl_trace/nccl_trace_rank_0 (CUDA),
         metrics.jsonl, summary.json, metrics.png,
-        train_config.json, requeue, .preflight/, tensorboard/, profiler/, model/ (model.tmp/ while written),
+        train_config.json, requeue, refused.txt, .preflight/, tensorboard/, profiler/, model/ (model.tmp/ while written),
         checkpoints/step-00000010/ (step-00000010.tmp/ while written; CheckpointPaths)
     <output_dir>/data-cache/                        tokenized data shared by jobs (DataCachePaths; train.data_cache_dir)
+    train.export_dir (train.profiler_dir)           the final model (profiler traces) where the user says, e.g.
+                                                    llama-recipes' ROOT/FOLDER-MODEL (recipes_model_dir)
     ${XDG_CACHE_HOME:-~/.cache}/hpcft/              the user's cache: transformers-index-<key>.pickle
                                                     (hpcft.transformers_index)
 Rank numbers are written with at least three digits everywhere (rank_tag).
@@ -15,6 +17,7 @@ Rank numbers are written with at least three digits everywhere (rank_tag).
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +95,20 @@ def user_cache_dir() -> Path:
 
 def transformers_index(key: str) -> Path:
     return user_cache_dir() / f"transformers-index-{key}.pickle"
+
+
+def recipes_model_dir(root: str, folder: str, model_name: str) -> str:
+    """Where llama-recipes' flags put a full FSDP model (--dist_checkpoint_root_folder ROOT
+    --dist_checkpoint_folder FOLDER): ROOT/FOLDER-MODEL, model_name as written, so /models/8B makes
+    ROOT/FOLDER-/models/8B, nested as llama-recipes nests it."""
+    return posixpath.join(root, f"{folder}-{model_name}")
+
+
+def export_dirs(run: "RunPaths", export_dir: str | None) -> tuple[Path, Path]:
+    """Where save_model writes the final model (train.export_dir, default <run>/model), and the sibling it
+    is written into first (renamed into place when complete)."""
+    target = Path(export_dir) if export_dir else run.model
+    return target, target.with_name(target.name + TMP_SUFFIX)
 
 
 def local_run_dir(stamp: str) -> Path:
@@ -225,6 +242,12 @@ class RunPaths:
     @property
     def model_tmp(self) -> Path:
         return self.run_dir / ("model" + TMP_SUFFIX)
+
+    @property
+    def refused(self) -> Path:
+        """The one-line error of a job whose training flags the node launcher refused before any rank
+        started (`hpcft logs` shows it as the job's failure)."""
+        return self.run_dir / "refused.txt"
 
     @property
     def requeue_marker(self) -> Path:

@@ -433,5 +433,6 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         t, model_name=_absolute(t.model_name, base), tokenizer_name=_absolute(t.tokenizer_name, base),
         data_path=_absolute(t.data_path, base), eval_data_path=_absolute(t.eval_data_path, base),
         deepspeed_config=_absolute(t.deepspeed_config, base), resume=resume, custom_dataset=custom,
-        chat_template=template, data_cache_dir=_absolute(t.data_cache_dir, base))
+        chat_template=template, data_cache_dir=_absolute(t.data_cache_dir, base),
+        export_dir=_absolute(t.export_dir, base), profiler_dir=_absolute(t.profiler_dir, base))
     return spec.replace(output_dir=_absolute(spec.output_dir, base), train=train, launch=launch)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcft.checks import check_deepspeed_json, check_lora_targets
+from hpcft.checks import check_deepspeed_json, check_export_dir, check_lora_targets
 from hpcft.distenv import PYTHON_VAR
 from hpcft.errors import SpecError
 from hpcft.paths import RunPaths, job_dir, slurm_output
@@ -61,6 +61,7 @@ def check_inputs(spec: JobSpec) -> None:
         check_deepspeed_json(t.deepspeed_config)
     if t.use_peft:
         check_lora_targets(t.model_name, t.lora_target_modules)
+    check_export_dir(t.export_dir if t.save_model else None)
     check_resume(spec)
     check_data(spec)
 

@@ -2,14 +2,17 @@
 
     python -m hpcft.train --model_name=artifacts/tiny-llama --data_path=data/samsum_tiny.jsonl
     torchrun --nproc-per-node 2 -m hpcft.train --max_train_step=20
-Flags are the fields of hpcft.train.config.TrainConfig (--name=value or --name value).
+Flags are the fields of hpcft.train.config.TrainConfig (--name=value or --name value; a bare --flag is
+true), and llama-recipes' names as its guides write them (--enable_fsdp --pure_bf16 --dataset samsum_dataset
+--dist_checkpoint_root_folder R --dist_checkpoint_folder F --output_dir D --fsdp_config.sharding_strategy S
+...: hpcft.train.recipe_flags); rank 0 logs what each of those became.
 """
 from __future__ import annotations
 
 import sys
 
 from hpcft.errors import SpecError
-from hpcft.train.config import parse_args
+from hpcft.train.config import parse_flags
 from hpcft.train.dist import DeviceError
 from hpcft.train.preflight import PreflightError
 from hpcft.transformers_index import install as install_transformers_index
@@ -22,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        cfg = parse_args(argv)
+        cfg, notes = parse_flags(argv)
         cfg.validate()
         from hpcft.train.run import run
 
-        run(cfg)
+        run(cfg, flag_notes=notes)
     except SpecError as exc:
         print(f"hpcft.train: error: {exc}", file=sys.stderr)
         return 2

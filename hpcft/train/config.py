@@ -88,6 +88,9 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     num_workers_dataloader: int = 0  # DataLoader worker processes per rank
     save_model: bool = True  # save the final model (HF format, or the PEFT adapter) in the run directory
+    export_dir: str | None = None  # save_model writes there instead of <run>/model (llama-recipes: --output_dir for
+    #   the adapter, --dist_checkpoint_root_folder/--dist_checkpoint_folder for a full FSDP model); replaced if it holds
+    #   an earlier export, refused if it holds anything else
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of the run)
     keep_checkpoints: int = 2  # newest complete checkpoints kept per run; 0: none written (smoke tests, benchmarks)
     async_checkpoint: bool = False  # ddp/fsdp: stage checkpoints in host memory and write them while training goes on
@@ -95,6 +98,7 @@ class TrainConfig:
     max_steps_this_run: int = 0  # stop (with a checkpoint) after this many steps of this run; the schedule is unchanged
     peak_tflops: float | None = None  # per-rank peak for MFU; default: known GPU by name, or measured on CPU
     use_profiler: bool = False  # torch profiler trace of a few steps into <run>/profiler/
+    profiler_dir: str | None = None  # use_profiler: the traces go there instead of <run>/profiler/
     tensorboard: bool = False  # TensorBoard scalars into <run>/tensorboard/ (the same as report_to: [tensorboard])
     report_to: tuple[str, ...] = ()  # experiment trackers on rank 0: tensorboard, wandb (offline), mlflow (file store
     #   in the run directory unless MLFLOW_TRACKING_URI is set); the metrics.jsonl scalars and the spec as params
@@ -221,22 +225,25 @@ def _format(value: object) -> str:
     return str(value)
 
 
-def parse_args(argv: list[str]) -> TrainConfig:
-    """`--name=value` / `--name value` flags (what to_args writes) -> TrainConfig. Lists are
+def parse_flags(argv: list[str], base: TrainConfig | None = None) -> tuple[TrainConfig, list[str]]:
+    """Flags -> TrainConfig on top of `base` (default: the defaults), and what each llama-recipes name
+    became (hpcft.train.recipe_flags). `--name=value`, `--name value`, a bare `--flag` is true; lists are
     comma-separated; `none` is None."""
-    tuple_fields = {name for name, tp in typing.get_type_hints(TrainConfig).items() if str(tp).startswith("tuple")}
-    values: dict[str, object] = {}
-    it = iter(argv)
-    for arg in it:
-        if not arg.startswith("--"):
-            raise SpecError(arg, "flags are written --name=value; see python -m hpcft.train --help")
-        name, sep, value = arg[2:].partition("=")
-        if not sep:
-            value = next(it, None)
-            if value is None:
-                raise SpecError(f"train.{name}", "needs a value")
-        key = name.replace("-", "_")
-        if key in tuple_fields and value is not None:
+    from hpcft.train.recipe_flags import read_flags, translate
+
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {name: tp is bool or str(tp) == "bool | None" for name, tp in hints.items()}
+    start = base or TrainConfig()
+    base_values = {f.name: getattr(start, f.name) for f in dataclasses.fields(TrainConfig)}
+    given, notes = translate(read_flags(argv), fields, base_values)
+    for key, value in given.items():
+        if isinstance(value, str) and str(hints[key]).startswith("tuple"):
             value = [v for v in value.split(",") if v]
-        values[key] = None if value == "none" else value
-    return build_dataclass(TrainConfig, values, "train")
+        given[key] = None if value == "none" else value
+    values = {**(base_values if base else {}), **given}
+    return build_dataclass(TrainConfig, values, "train"), notes
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """`--name=value` / `--name value` flags (what to_args writes, and llama-recipes' names) -> TrainConfig."""
+    return parse_flags(argv)[0]

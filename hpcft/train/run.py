@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from hpcft.checks import check_export_dir
 from hpcft.distenv import RUN_DIR_VAR, SAMPLE_LOG_VAR, collect_dist_env, collect_slurm_env, nccl_report
-from hpcft.paths import RunPaths, local_run_dir
+from hpcft.paths import RunPaths, export_dirs, local_run_dir
 from hpcft.rankstats import rank_summary
 from hpcft.train.checkpoint import AsyncCheckpointer, TrainerState, save_checkpoint
 from hpcft.train.config import TrainConfig
@@ -60,11 +61,12 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=f"`{old}` is deprecated", category=FutureWarning)
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, *, flag_notes: list[str] | tuple[str, ...] = ()) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub: a missing local file must fail, not download
     quiet_libraries()
     cfg.validate()
     check_model_dir(cfg)
+    check_export_dir(cfg.export_dir if cfg.save_model else None)
     check_quantization(cfg)
     dist_env = collect_dist_env()
     stop = StopRequest().install()  # before anything slow: the warning may come during start-up
@@ -75,6 +77,8 @@ def run(cfg: TrainConfig) -> dict:
         paths.train_config.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     print(f"hpcft.train: rank {dist_env.rank}/{dist_env.world_size} on {socket.gethostname()} "
           f"(local rank {dist_env.local_rank}, device {rt.device})", flush=True)
+    if flag_notes:
+        print0(rt, "hpcft.train: llama-recipes flags: " + "; ".join(flag_notes))
     if cfg.preflight:
         print0(rt, preflight(rt, paths.run_dir))
     print0(rt, f"hpcft.train: {dist_env.world_size} rank(s) via {dist_env.launcher}, device {rt.device.type}, "
@@ -201,7 +205,7 @@ def train_session(s: Session, metrics: MetricsWriter, stop: StopRequest, beat: P
 
     progress = ProgressDisplay(s.data.total_steps, enabled=s.rt.is_main, start=s.state.step)
     sample_log = SampleLog(s.paths.sample_ids(s.rt.env.rank)) if os.environ.get(SAMPLE_LOG_VAR) == "1" else None
-    with profiler_context(s.cfg.use_profiler, s.paths.profiler, s.rt.env.rank) as prof:
+    with profiler_context(s.cfg.use_profiler, Path(s.cfg.profiler_dir or s.paths.profiler), s.rt.env.rank) as prof:
         result = train(s.engine, s.data.train_loader, s.cfg, s.rt, total_steps=s.data.total_steps, state=s.state,
                        metrics=metrics, progress=progress, flops=s.flops, save=save, profiler=prof, stop=stop,
                        seq2seq=s.data.seq2seq, sample_log=sample_log, beat=beat)
@@ -245,9 +249,10 @@ def export_model(s: Session) -> Path:
     """Consolidated HF model (or the PEFT adapter) that from_pretrained / PeftModel loads. Gathered
     from every rank, written by rank 0 into a temporary directory and renamed."""
     state = s.engine.full_state_dict()
-    target, tmp = s.paths.model, s.paths.model_tmp
+    target, tmp = export_dirs(s.paths, s.cfg.export_dir)
     if s.rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         with no_deepspeed_probe():
             s.engine.hf_model.save_pretrained(tmp, state_dict=state)
         s.data.tokenizer.save_pretrained(tmp)
