@@ -122,7 +122,7 @@ def _train_and_finish(s: Session, stop: StopRequest, beat: Progress) -> dict:
         summary["eval_loss_after"] = evaluate_session(s, metrics, "after", beat)
     if s.cfg.save_model:
         beat.phase("export")
-        summary["model_dir"] = str(export_model(s))
+        summary["model_dir"] = os.path.abspath(export_model(s))  # export_dir may be relative to the ranks' cwd
     summary.update(rank_summary(gather_per_rank(s.rt, {"rank": s.rt.env.rank, "host": socket.gethostname(),
                                                        **beat.stats()})))
     summary["peak_memory_bytes_per_rank"] = gather_per_rank(s.rt, peak_memory_bytes(s.rt.device))
