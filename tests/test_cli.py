@@ -207,6 +207,14 @@ BAD_INPUT = {
                         {"loader.py": "def get_custom_dataset(dataset_config, tokenizer, split):\n    return []\n"}, [],
                         "train.custom_dataset", "defines no function nope"),
     "prepare-time": ({"prepare": {"time": "25:99:99"}}, {}, [], "prepare.time", "minutes must be < 60"),
+    # llama-recipes' flags after `--` (training flags over the spec's train section)
+    "recipes-typo": ({}, {}, ["--", "--enable_fdsp", "--pure_bf16"], "train.enable_fdsp", "did you mean --enable_fsdp?"),
+    "recipes-refused": ({}, {}, ["--", "--enable_fsdp", "--fsdp_config.fsdp_cpu_offload"],
+                        "train.fsdp_config.fsdp_cpu_offload", "--strategy zero3 --offload_params true"),
+    "recipes-conflict": ({"train": {"strategy": "zero3"}}, {}, ["--", "--enable_fsdp", "--strategy", "zero2"],
+                         "train.enable_fsdp", "conflicts with --strategy zero2"),
+    "export-dir-taken": ({}, {"mine/notes.txt": "not a model"}, ["--", "--use_peft", "--output_dir", "mine"],
+                         "train.export_dir", "holds files that are not an earlier model export"),
 }
 
 

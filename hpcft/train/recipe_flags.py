@@ -141,8 +141,9 @@ def _dataset(name, raw, out, pend, notes) -> None:
                                          "dataset chat (conversations in a file) or dataset custom")
     out["dataset"] = RECIPE_DATASETS.get(value, value)
     if value in RECIPE_DATASETS:
-        notes.append(f"--{name} {value} -> dataset={out['dataset']} (its form; the data is read from data_path, "
-                     "never the hub)")
+        source = "rows from custom_dataset's function" if value == "custom_dataset" else \
+            "its form; the data is read from data_path, never the hub"
+        notes.append(f"--{name} {value} -> dataset={out['dataset']} ({source})")
 
 
 def _quantization(name, raw, out, pend, notes) -> None:
