@@ -331,10 +331,11 @@ def cancel(args: argparse.Namespace, _command: list[str]) -> int:
 
 
 def launch(args: argparse.Namespace, command: list[str]) -> int:
-    from hpcft.launch import launch_in_allocation
+    from hpcft.launch import check_entry_flags, launch_in_allocation
 
     if not command:
         raise SpecError("command", "give what each rank runs after --, e.g. hpcft launch -- -m hpcft.train")
+    check_entry_flags(command)
     launch_in_allocation(command, output_dir=args.output_dir, name=args.name)
     return 0
 

@@ -194,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("usage: python -m hpcft.launch [--node] -- <python args: -m module ... | script.py ...>", file=sys.stderr)
         return 2
-    refusal = check_entry_flags(args)
+    try:
+        check_entry_flags(args)
+        refusal = None
+    except SpecError as exc:
+        refusal = f"hpcft.train: error: {exc}"
     if refusal:
         if os.environ.get("SLURM_NODEID", "0") == "0":  # one line per job, not one per node
             print(refusal, file=sys.stderr, flush=True)
@@ -208,18 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached: both exec
 
 
-def check_entry_flags(command: list[str]) -> str | None:
-    """The shared entrypoint's flags, read and validated before torchrun starts any rank: a typo ends the
-    job in its first seconds with one line, instead of one traceback per rank after every import."""
+def check_entry_flags(command: list[str]) -> None:
+    """The shared entrypoint's flags, read and validated before torchrun starts any rank (SpecError): a typo
+    ends the job in its first seconds with one line, instead of one error per rank after every import."""
     if command[:2] != ["-m", "hpcft.train"] or "--help" in command or "-h" in command:
-        return None
+        return
     from hpcft.train.config import parse_flags
 
-    try:
-        parse_flags(command[2:])[0].validate()
-    except SpecError as exc:
-        return f"hpcft.train: error: {exc}"
-    return None
+    parse_flags(command[2:])[0].validate()
 
 
 if __name__ == "__main__":

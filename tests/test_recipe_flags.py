@@ -186,3 +186,14 @@ def test_submit_dry_run_takes_the_guide_line_after_the_separator(tmp_path, tiny_
         assert want in line, line
     assert "llama-recipes flag --enable_fsdp -> strategy=fsdp" in proc.stderr
     assert proc.stderr.count("llama-recipes flag") == 3, proc.stderr
+
+
+def test_hpcft_launch_refuses_a_typo_before_srun(tmp_path):
+    """In an allocation (salloc, an srun --pty shell): one line, exit 2, no srun (none is on PATH here)."""
+    env = dict(os.environ, SLURM_JOB_ID="5", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", PATH="/nonexistent")
+    proc = subprocess.run([sys.executable, "-m", "hpcft.cli", "launch", "--output-dir", str(tmp_path), "--", "-m",
+                           "hpcft.train", "--enable_fsdp", "--use_pef"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == "hpcft: error: train.use_pef: unknown flag (did you mean --use_peft?)\n"
+    assert not any(tmp_path.iterdir())  # no run directory made
