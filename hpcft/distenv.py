@@ -173,8 +173,14 @@ class SlurmEnv:
     @property
     def node_launcher_gres(self) -> str | None:
         """A per-task GPU request turned into the node's GPUs for its one launcher (srun would give it one
-        task's worth; Slurm refuses a larger per-task count for a step, so it is asked per node)."""
-        return f"gpu:{self.gpus_per_task * self.node_tasks}" if self.gpus_per_task else None
+        task's worth; Slurm refuses a larger per-task count for a step, so it is asked per node). Inside a
+        step (an `srun --pty` shell) the job's per-task request is not in the environment, yet a new step
+        inherits it from the job: ask for every GPU the job has on the node (SLURM_GPUS_ON_NODE)."""
+        if self.gpus_per_task:
+            return f"gpu:{self.gpus_per_task * self.node_tasks}"
+        if self.in_step and self.gpus_on_node:
+            return f"gpu:{self.gpus_on_node}"
+        return None
 
     @property
     def node_launcher_cpus(self) -> int | None:

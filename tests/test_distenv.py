@@ -155,6 +155,19 @@ def test_a_per_task_gpu_request_becomes_the_launchers_node_gpus(per_task, gres):
     assert [a for a in argv if a.startswith("--gres")] == ([f"--gres={gres}"] if gres else [])
 
 
+def test_inside_a_pty_step_the_launcher_asks_for_every_gpu_of_the_node():
+    """srun -N2 --ntasks-per-node=2 --gpus-per-task=1 --pty bash: the shell's environment has no
+    SLURM_GPUS_PER_TASK (the shell's own task holds GPU 0), yet a new step inherits one GPU per task from
+    the job; measured on the local cluster: the launcher got 1 GPU of 2 and a world of 2 instead of 4."""
+    pty = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_STEP_ID": "0",
+           "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4",
+           "SLURM_GPUS_ON_NODE": "2", "SLURM_STEP_GPUS": "0"}
+    argv = srun_argv(collect_slurm_env(pty), ["-m", "hpcft.train"])
+    assert "--gres=gpu:2" in argv and "--overlap" in argv and "--ntasks-per-node=1" in argv
+    no_gpus = {k: v for k, v in pty.items() if "GPU" not in k}
+    assert not any(a.startswith("--gres") for a in srun_argv(collect_slurm_env(no_gpus), ["-m", "hpcft.train"]))
+
+
 def test_min_tasks_per_node_reads_slurms_compressed_list():
     assert [min_tasks_per_node(v) for v in ("1(x64)", "8,8,4(x2)", "", None, "x")] == [1, 4, 1, 1, 1]
 
