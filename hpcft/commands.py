@@ -336,15 +336,13 @@ def launch(args: argparse.Namespace, command: list[str]) -> int:
     if not command:
         raise SpecError("command", "give what each rank runs after --, e.g. hpcft launch -- -m hpcft.train")
     check_entry_flags(command)
-    launch_in_allocation(command, output_dir=args.output_dir, name=args.name)
-    return 0
+    return launch_in_allocation(command, output_dir=args.output_dir, name=args.name)
 
 
 def doctor(args: argparse.Namespace, _command: list[str]) -> int:
     from hpcft.launch import launch_in_allocation
 
-    launch_in_allocation(["-m", "hpcft.doctor"], output_dir=args.output_dir, name="doctor")
-    return 0
+    return launch_in_allocation(["-m", "hpcft.doctor"], output_dir=args.output_dir, name="doctor")
 
 
 def make_tiny(args: argparse.Namespace, _command: list[str]) -> int:

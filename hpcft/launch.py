@@ -8,6 +8,8 @@ Inside an interactive allocation (salloc -N2 --gpus-per-node=4, or an srun --pty
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -19,7 +21,7 @@ from hpcft.distenv import (CPU_NODE_VAR, JOB_PORTS, PER_TASK_GPU_VARS, RDZV_PORT
 from hpcft.errors import SpecError
 from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
                            port_free, publish_port, resolve_head)
-from hpcft.paths import RunPaths
+from hpcft.paths import RunPaths, launch_run_dir
 from hpcft.stopsignal import ignore_stop_signals
 
 SRUN_FLAGS = ("--kill-on-bad-exit=1", "--ntasks-per-node=1")
@@ -128,8 +130,9 @@ def plan_network(rdzv: Rendezvous, slurm: SlurmEnv, env: Mapping[str, str], *, f
     return rdzv, extra, line
 
 
-def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
-    """Replace this process with torchrun for this node (never returns)."""
+def run_node(command: list[str], env: Mapping[str, str] | None = None) -> int:
+    """torchrun for this node; its exit status, except that an agent failing after every rank of this node
+    exited 0 (torchrun's store host on another node left first, at shutdown) is not a failure."""
     base = dict(os.environ if env is None else env)
     slurm = collect_slurm_env(base)
     port = int(base[RDZV_PORT_VAR]) if base.get(RDZV_PORT_VAR) else None
@@ -148,7 +151,21 @@ def run_node(command: list[str], env: Mapping[str, str] | None = None) -> None:
     # Slurm's warning signal (USR1, see launch.signal_lead_s; submitit's under that backend) reaches
     # every process of the step; torchrun would die of it. The ranks install their own handlers.
     ignore_stop_signals(child_env)
-    os.execvpe(argv[0], argv, child_env)
+    rc = subprocess.run(argv, env=child_env).returncode
+    if rc != 0 and RUN_DIR_VAR in base and ranks_here_finished(RunPaths(Path(base[RUN_DIR_VAR])),
+                                                                os.uname().nodename, rdzv.nproc_per_node):
+        print(f"hpcft.launch: torchrun on {os.uname().nodename} exited {rc} after all {rdzv.nproc_per_node} of its "
+              "ranks exited 0 (its agent failed while shutting down): not a failure", file=sys.stderr, flush=True)
+        return 0
+    return rc if rc >= 0 else 128 - rc
+
+
+def ranks_here_finished(paths: RunPaths, host: str, nproc: int) -> bool:
+    """Every rank this node started left an exit record saying it exited 0."""
+    from hpcft.logs import read_exits
+
+    here = [e for e in read_exits(paths).values() if e.host == host]
+    return len(here) >= nproc and all(e.returncode == 0 for e in here)
 
 
 def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable) -> list[str]:
@@ -167,21 +184,41 @@ def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable
 
 
 def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: str = "interactive",
-                         env: Mapping[str, str] | None = None) -> None:
-    """`hpcft launch`: start all ranks of the current allocation (never returns)."""
+                         env: Mapping[str, str] | None = None) -> int:
+    """`hpcft launch`: start all ranks of the current allocation and wait for them; the status is the
+    training's (0 when every rank finished), and a failure names the rank that failed first."""
     base = dict(os.environ if env is None else env)
     slurm = collect_slurm_env(base)
     if not slurm.in_job:
         raise SpecError("SLURM_JOB_ID", "unset: not inside a Slurm allocation; start one with "
                                         "salloc --nodes=2 --gpus-per-node=4, or use hpcft submit")
     if RUN_DIR_VAR not in base:
-        base[RUN_DIR_VAR] = str(RunPaths.for_job(Path(output_dir).resolve(), name, slurm.job_id or "0").run_dir)
+        base[RUN_DIR_VAR] = str(launch_run_dir(Path(output_dir).resolve(), name, slurm.job_id or "0"))
     Path(base[RUN_DIR_VAR]).mkdir(parents=True, exist_ok=True)
     print(f"hpcft launch: run directory {base[RUN_DIR_VAR]}", flush=True)
     argv = srun_argv(slurm, command)
-    for name in PER_TASK_GPU_VARS:
-        base.pop(name, None)
-    os.execvpe(argv[0], argv, base)
+    for var in PER_TASK_GPU_VARS:
+        base.pop(var, None)
+    proc = subprocess.Popen(argv, env=base)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is srun's to handle (it cancels the step)
+    rc = proc.wait()
+    if rc != 0:
+        print(f"hpcft launch: {describe_failure(RunPaths(Path(base[RUN_DIR_VAR])))}", file=sys.stderr, flush=True)
+    return rc if rc >= 0 else 128 - rc
+
+
+def describe_failure(paths: RunPaths) -> str:
+    """One line: the rank that failed first and where its log is, or what is known without one."""
+    from hpcft.logs import first_failure
+
+    if paths.refused.exists():
+        return f"refused before any rank started: {paths.refused.read_text().strip()}"
+    failure = first_failure(paths)
+    if failure is None:
+        return f"failed before any rank reported (srun's output above); run directory {paths.run_dir}"
+    last = next((line.strip() for line in reversed(failure.tail) if line.strip()), "")
+    return (f"failed: rank {failure.rank} on {failure.host or 'unknown host'} ({failure.reason})"
+            + (f": {last}" if last else "") + f"; its log: {paths.rank_log(failure.rank)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,10 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 RunPaths(Path(os.environ[RUN_DIR_VAR])).refused.write_text(refusal + "\n")
         return 2
     if node:
-        run_node(args)
-    else:
-        launch_in_allocation(args)
-    return 0  # not reached: both exec
+        return run_node(args)
+    return launch_in_allocation(args)
 
 
 def check_entry_flags(command: list[str]) -> None:

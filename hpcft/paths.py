@@ -304,6 +304,18 @@ class RunPaths:
         return sorted(out)
 
 
+def launch_run_dir(output_dir: str | Path, name: str, job_id: str) -> Path:
+    """The run directory of one `hpcft launch` in an allocation: <output_dir>/<name>/<job-id>, and for a
+    second launch in the same allocation <job-id>-2, -3, ... (a new run each time, not a resume of the
+    previous one; find_run_dir(<job-id>) finds the first)."""
+    first = RunPaths.for_job(output_dir, name, job_id).run_dir
+    candidate, n = first, 1
+    while candidate.exists():
+        n += 1
+        candidate = first.with_name(f"{job_id}-{n}")
+    return candidate
+
+
 def find_run_dir(ref: str, output_dir: str | Path = "runs") -> Path | None:
     """A run directory given itself or a job id (searched as <output_dir>/*/<job-id>, and a sweep task's
     <output_dir>/*/<array-id>_<task>-<label>)."""

@@ -190,3 +190,27 @@ def test_the_rank_wrapper_ignores_a_warning_once_its_rank_has_ended(tmp_path):
                           timeout=60)
     assert (proc.returncode, proc.stdout) == (0, "0 [True, True]\n"), proc.stderr
     assert json.loads((tmp_path / "rank-000.exit.json").read_text())["returncode"] == 0
+
+
+def test_an_agent_failing_after_its_ranks_exited_0_is_not_a_failure(tmp_path):
+    """The node launcher's rule (hpcft.launch.run_node): torchrun exiting non-zero counts only if a rank of
+    this node did not exit 0 (its agent can fail at shutdown when the store host on another node left first)."""
+    import json
+
+    from hpcft.launch import ranks_here_finished
+    from hpcft.paths import RunPaths
+
+    paths = RunPaths(tmp_path)
+
+    def record(rank, host, rc):
+        paths.rank_exit(rank).write_text(json.dumps({"rank": rank, "host": host, "returncode": rc, "ended": 1.0}))
+
+    record(0, "node1", 0)
+    assert not ranks_here_finished(paths, "node2", 2)  # no record of this node's ranks: nothing known
+    record(2, "node2", 0)
+    assert not ranks_here_finished(paths, "node2", 2)  # one of its two ranks has not reported
+    record(3, "node2", 0)
+    assert ranks_here_finished(paths, "node2", 2)
+    record(1, "node1", 1)
+    assert ranks_here_finished(paths, "node2", 2) and not ranks_here_finished(paths, "node1", 2)
+
