@@ -55,12 +55,15 @@ SAMPLE_LOG_VAR = "HPCFT_SAMPLE_LOG"
 FAULT_HANG_VAR = "HPCFT_FAULT_HANG"
 FAULT_SLOW_VAR = "HPCFT_FAULT_SLOW"
 CPU_NODE_VAR = "HPCFT_CPU_NODE"
+STEP_WAIT_VAR = "HPCFT_STEP_WAIT_S"
 HPCFT_TABLE: dict[str, str] = {
     CPU_NODE_VAR: "1 on nodes without CUDA, set by the node launcher: a user's script then runs through "
                   "hpcft.cpuworld, so that Accelerate and HF Trainer form one CPU world",
     RUN_DIR_VAR: "the run directory; set by every hpcft launch path, read by the node launcher, rankrun "
                  "(per-rank logs) and the entrypoint (metrics, checkpoints, model)",
     RDZV_PORT_VAR: "a fixed rendezvous port (launch.rdzv_port); unset: derived from the job id",
+    STEP_WAIT_VAR: "seconds `hpcft launch` lets Slurm take to place its launchers beside the allocation's "
+                   "other steps (srun --immediate) before it says what holds the nodes; default 60",
     PYTHON_VAR: "the interpreter that submitted the job; the batch script runs ranks with it",
     STOP_SIGNAL_VAR: "a signal name (USR2) that also means checkpoint-and-stop, besides USR1; set by the "
                      "submitit task for submitit's own warning signal",

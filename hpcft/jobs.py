@@ -145,5 +145,17 @@ def nodes() -> list[NodeInfo] | None:
     return list(by_name.values())
 
 
+def running_steps(job_id: str) -> list[str]:
+    """The job's steps that hold resources now, as "ID (name)": what keeps another step from starting.
+    Empty when squeue cannot say."""
+    try:
+        proc = _run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i|%j"])
+    except (SlurmUnavailable, subprocess.TimeoutExpired):
+        return []
+    steps = [line.split("|", 1) for line in proc.stdout.splitlines() if "|" in line]
+    return [f"{sid} ({name})" for sid, name in steps if name not in ("extern", "batch")
+            and not sid.endswith((".extern", ".batch"))]
+
+
 def cancel(job_ids: list[str]) -> subprocess.CompletedProcess:
     return _run(["scancel", *job_ids])

@@ -16,8 +16,9 @@ from typing import Mapping
 
 import dataclasses
 
-from hpcft.distenv import (CPU_NODE_VAR, JOB_PORTS, PER_TASK_GPU_VARS, RDZV_PORT_VAR, RUN_DIR_VAR, Rendezvous, SlurmEnv,
-                           collect_slurm_env, nccl_env, plan_rendezvous)
+from hpcft.distenv import (CPU_NODE_VAR, JOB_PORTS, PER_TASK_GPU_VARS, RDZV_PORT_VAR, RUN_DIR_VAR, STEP_WAIT_VAR,
+                           Rendezvous, SlurmEnv, collect_slurm_env, nccl_env, plan_rendezvous)
+from hpcft import rdzvstore
 from hpcft.errors import SpecError
 from hpcft.network import (SOCKET_IFNAME_VARS, NetworkError, await_port, infiniband_devices, interface_for, pick_port,
                            port_free, publish_port, resolve_head)
@@ -25,10 +26,14 @@ from hpcft.paths import RunPaths, launch_run_dir
 from hpcft.stopsignal import ignore_stop_signals
 
 SRUN_FLAGS = ("--kill-on-bad-exit=1", "--ntasks-per-node=1")
+STEP_WAIT_S = 60  # hpcft launch: how long Slurm may take to place the launchers (STEP_WAIT_VAR overrides)
+STEP_REFUSED = "Unable to create step"  # srun's words when --immediate ran out (or the step cannot exist)
 
 
-def torchrun_argv(rdzv: Rendezvous, command: list[str], *, python: str = sys.executable) -> list[str]:
-    """torchrun for one node; each rank runs `command` through hpcft.rankrun (per-rank log + exit record)."""
+def torchrun_argv(rdzv: Rendezvous, command: list[str], *, python: str = sys.executable,
+                  store_hosted: bool = False) -> list[str]:
+    """torchrun for one node; each rank runs `command` through hpcft.rankrun (per-rank log + exit record).
+    store_hosted: the head node's launcher hosts the rendezvous store (hpcft.rdzvstore), every agent is a client."""
     return [
         python, "-m", "torch.distributed.run",
         "--nnodes", str(rdzv.nnodes),
@@ -36,6 +41,7 @@ def torchrun_argv(rdzv: Rendezvous, command: list[str], *, python: str = sys.exe
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", rdzv.endpoint,
         "--rdzv-id", rdzv.run_id,
+        *(rdzvstore.AGENT_CONF if store_hosted else ()),
         "--max-restarts", "0",
         "-m", "hpcft.rankrun", *command,
     ]
@@ -111,7 +117,7 @@ def plan_network(rdzv: Rendezvous, slurm: SlurmEnv, env: Mapping[str, str], *, f
     port_note = ""
     run_dir = env.get(RUN_DIR_VAR)
     if run_dir:
-        published = RunPaths(Path(run_dir)).rendezvous_port(f"{slurm.job_id}-{slurm.restart_count}-{slurm.step_id}")
+        published = RunPaths(Path(run_dir)).rendezvous_port(launch_key(slurm))
         if rdzv.node_rank == 0:
             if fixed_port and not port_free(rdzv.port):
                 raise NetworkError(f"launch.rdzv_port {rdzv.port} is taken on the head node {rdzv.host}; leave "
@@ -128,6 +134,12 @@ def plan_network(rdzv: Rendezvous, slurm: SlurmEnv, env: Mapping[str, str], *, f
             f"{chosen}; rendezvous port "
             f"{rdzv.port}{port_note}" + (f"; InfiniBand devices here: {', '.join(ib)}" if ib else ""))
     return rdzv, extra, line
+
+
+def launch_key(slurm: SlurmEnv) -> str:
+    """One launch of a job (job id, restart count, step id): a requeue or a second `hpcft launch` in the same
+    allocation never reads an earlier launch's port or leave files."""
+    return f"{slurm.job_id}-{slurm.restart_count}-{slurm.step_id}"
 
 
 def run_node(command: list[str], env: Mapping[str, str] | None = None) -> int:
@@ -147,17 +159,55 @@ def run_node(command: list[str], env: Mapping[str, str] | None = None) -> int:
     print(net_line, flush=True)
     print(f"hpcft.launch: node {rdzv.node_rank}/{rdzv.nnodes} ({os.uname().nodename}) starts "
           f"{rdzv.nproc_per_node} {'GPU' if cuda else 'CPU'} ranks, rendezvous {rdzv.endpoint}", flush=True)
-    argv = torchrun_argv(rdzv, command)
+    hosted = rdzvstore.hosted(rdzv.nnodes, base.get(RUN_DIR_VAR))
+    argv = torchrun_argv(rdzv, command, store_hosted=hosted)
     # Slurm's warning signal (USR1, see launch.signal_lead_s; submitit's under that backend) reaches
     # every process of the step; torchrun would die of it. The ranks install their own handlers.
     ignore_stop_signals(child_env)
-    rc = subprocess.run(argv, env=child_env).returncode
-    if rc != 0 and RUN_DIR_VAR in base and ranks_here_finished(RunPaths(Path(base[RUN_DIR_VAR])),
-                                                                os.uname().nodename, rdzv.nproc_per_node):
-        print(f"hpcft.launch: torchrun on {os.uname().nodename} exited {rc} after all {rdzv.nproc_per_node} of its "
-              "ranks exited 0 (its agent failed while shutting down): not a failure", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(argv, env=child_env)
+    store = None
+    if hosted and rdzv.node_rank == 0:
+        # Opened while torchrun imports torch (its agent retries until the store answers), so the head
+        # node pays its own torch import beside torchrun's rather than before it.
+        try:
+            store = rdzvstore.open_store(rdzv.port)
+        except RuntimeError as exc:
+            proc.kill()
+            proc.wait()
+            print(f"hpcft.launch: error: cannot host the rendezvous store on {rdzv.endpoint}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; another process took the port "
+                  "since it was chosen: submit again, or set launch.rdzv_port to a free one", file=sys.stderr, flush=True)
+            return 1
+    rc = proc.wait()
+    here = os.uname().nodename
+    finished = rc == 0 or (RUN_DIR_VAR in base and ranks_here_finished(RunPaths(Path(base[RUN_DIR_VAR])), here,
+                                                                        rdzv.nproc_per_node))
+    if hosted:
+        leave_in_order(RunPaths(Path(base[RUN_DIR_VAR])), launch_key(slurm), rdzv, finished)
+    del store  # the head node's store closes here, after the other nodes left
+    if rc != 0 and finished:
+        print(f"hpcft.launch: torchrun on {here} exited {rc} after all {rdzv.nproc_per_node} of its ranks exited 0 "
+              "(its agent failed while shutting down): not a failure", file=sys.stderr, flush=True)
         return 0
     return rc if rc >= 0 else 128 - rc
+
+
+def leave_in_order(paths: RunPaths, key: str, rdzv: Rendezvous, finished: bool) -> None:
+    """The other nodes say they left; the head node, which hosts the store, waits for them once its ranks
+    finished (after a failure srun ends the step anyway) and names any that never said so."""
+    if rdzv.node_rank != 0:
+        rdzvstore.mark_left(paths.launcher_left(key, rdzv.node_rank))
+        return
+    if not finished:
+        return
+    missing = rdzvstore.await_left([paths.launcher_left(key, r) for r in range(1, rdzv.nnodes)],
+                                   rdzvstore.LEAVE_WAIT_S)
+    if missing:
+        print(f"hpcft.launch: closing the rendezvous store after {rdzvstore.LEAVE_WAIT_S:.0f} s without word from "
+              f"node(s) {', '.join(p.name.removeprefix('node') for p in missing)} of {rdzv.nnodes}", file=sys.stderr,
+              flush=True)
+    else:
+        print(f"hpcft.launch: rendezvous store closed after the other {rdzv.nnodes - 1} node(s) left", flush=True)
 
 
 def ranks_here_finished(paths: RunPaths, host: str, nproc: int) -> bool:
@@ -168,11 +218,13 @@ def ranks_here_finished(paths: RunPaths, host: str, nproc: int) -> bool:
     return len(here) >= nproc and all(e.returncode == 0 for e in here)
 
 
-def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable) -> list[str]:
-    """srun that starts one node launcher on every node of the allocation."""
+def srun_argv(slurm: SlurmEnv, inner: list[str], *, python: str = sys.executable,
+              step_wait_s: int = STEP_WAIT_S) -> list[str]:
+    """srun that starts one node launcher on every node of the allocation; it gives up after step_wait_s
+    when other steps hold the nodes (a pending step would otherwise wait silently, forever)."""
     # --ntasks too: inside a step, srun would otherwise take that step's SLURM_NTASKS (1) from the env.
     n = slurm.job_num_nodes
-    argv = ["srun", *SRUN_FLAGS, f"--nodes={n}", f"--ntasks={n}"]
+    argv = ["srun", *SRUN_FLAGS, f"--nodes={n}", f"--ntasks={n}", f"--immediate={step_wait_s}"]
     if slurm.node_launcher_cpus:
         argv.append(f"--cpus-per-task={slurm.node_launcher_cpus}")
     if slurm.node_launcher_gres:
@@ -196,15 +248,50 @@ def launch_in_allocation(command: list[str], *, output_dir: str = "runs", name: 
         base[RUN_DIR_VAR] = str(launch_run_dir(Path(output_dir).resolve(), name, slurm.job_id or "0"))
     Path(base[RUN_DIR_VAR]).mkdir(parents=True, exist_ok=True)
     print(f"hpcft launch: run directory {base[RUN_DIR_VAR]}", flush=True)
-    argv = srun_argv(slurm, command)
+    wait_s = int(base.get(STEP_WAIT_VAR) or STEP_WAIT_S)
+    argv = srun_argv(slurm, command, step_wait_s=wait_s)
     for var in PER_TASK_GPU_VARS:
         base.pop(var, None)
-    proc = subprocess.Popen(argv, env=base)
+    proc = subprocess.Popen(argv, env=base, stderr=subprocess.PIPE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is srun's to handle (it cancels the step)
+    refused = copy_watching(proc.stderr, sys.stderr.buffer, STEP_REFUSED)
     rc = proc.wait()
+    if rc != 0 and refused:
+        print(f"hpcft launch: error: {placement_error(slurm, refused, wait_s)}", file=sys.stderr, flush=True)
+        return 2
     if rc != 0:
         print(f"hpcft launch: {describe_failure(RunPaths(Path(base[RUN_DIR_VAR])))}", file=sys.stderr, flush=True)
     return rc if rc >= 0 else 128 - rc
+
+
+def copy_watching(source, sink, needle: str) -> str | None:
+    """Copy srun's stderr through line by line (it carries the launchers' and torchrun's own lines) until it
+    ends; the first line holding `needle`, if any."""
+    found = None
+    for raw in iter(source.readline, b""):
+        sink.write(raw)
+        sink.flush()
+        line = raw.decode(errors="replace").strip()
+        if found is None and needle in line:
+            found = line
+    return found
+
+
+def placement_error(slurm: SlurmEnv, srun_line: str, wait_s: int) -> str:
+    """One line: srun could not place a launcher on every node (nothing started), what holds the nodes, the fix."""
+    from hpcft.jobs import running_steps
+
+    why = srun_line.split(": ")[-1] if ": " in srun_line else srun_line
+    shell = f"{slurm.job_id}.{slurm.step_id}"
+    others = [s for s in running_steps(slurm.job_id or "") if not s.startswith(shell + " ")] if slurm.in_step else \
+        running_steps(slurm.job_id or "")
+    held = (f"step(s) {', '.join(others)} hold them: wait for them or end them (scancel {others[0].split()[0]}), "
+            "then launch again") if others else ""
+    if slurm.in_step and not others:
+        held = (f"this shell's step {shell} holds resources Slurm will not share with another step: start the shell "
+                "with srun --overlap ... --pty bash, or run hpcft launch from an salloc shell")
+    return (f"Slurm could not place a launcher on each of the {slurm.job_num_nodes} node(s) within {wait_s} s ({why}), "
+            f"so no rank started{': ' + held if held else ''} ({STEP_WAIT_VAR}=SECONDS waits longer)")
 
 
 def describe_failure(paths: RunPaths) -> str:

@@ -202,6 +202,11 @@ class RunPaths:
         restart count and step id, so a requeue or a second `hpcft launch` never reads an old one)."""
         return self.run_dir / ".rendezvous" / f"{key}.json"
 
+    def launcher_left(self, key: str, node_rank: int) -> Path:
+        """Written by a node's launcher once its torchrun exited, for the head node, which hosts the
+        rendezvous store and leaves last (hpcft.rdzvstore)."""
+        return self.run_dir / ".rendezvous" / f"{key}.left" / f"node{node_rank}"
+
     def preflight_probe(self, rank: int) -> Path:
         """The file each rank writes to show the run directory is shared and writable."""
         return self.run_dir / ".preflight" / rank_tag(rank)

@@ -80,7 +80,22 @@ def test_outer_srun_overlaps_only_inside_a_step():
     assert "--overlap" not in srun_argv(collect_slurm_env(BATCH), inner)
     argv = srun_argv(collect_slurm_env({**STEP, "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NODELIST": "node1"}), inner)
     assert "--overlap" in argv and "--nodes=2" in argv and "--kill-on-bad-exit=1" in argv
+    assert "--immediate=60" in argv  # a step Slurm cannot place ends (and is said) instead of pending forever
     assert argv[-3:] == ["--", "-m", "hpcft.train"]
+
+
+def test_srun_stderr_is_copied_through_and_a_refused_step_found():
+    import io
+
+    from hpcft.launch import STEP_REFUSED, copy_watching
+
+    text = (b"hpcft.launch: node 0/2 ...\nsrun: error: Unable to create step for job 7: Requested nodes are busy\n"
+            b"srun: error: Unable to create step for job 7: again\n\xff tail")
+    sink = io.BytesIO()
+    assert copy_watching(io.BytesIO(text), sink, STEP_REFUSED) == \
+        "srun: error: Unable to create step for job 7: Requested nodes are busy"
+    assert sink.getvalue() == text
+    assert copy_watching(io.BytesIO(b"all fine\n"), io.BytesIO(), STEP_REFUSED) is None
 
 
 def test_torchrun_argv():
@@ -89,6 +104,42 @@ def test_torchrun_argv():
     assert argv[:3] == ["py", "-m", "torch.distributed.run"]
     assert ["--rdzv-backend", "c10d"] == argv[argv.index("--rdzv-backend"):argv.index("--rdzv-backend") + 2]
     assert argv[-5:] == ["-m", "hpcft.rankrun", "-m", "hpcft.train", "--lr=1"]
+    assert "--rdzv-conf" not in argv  # torchrun's own agent on the head node hosts the store
+    hosted = torchrun_argv(r, ["-m", "hpcft.train"], python="py", store_hosted=True)
+    assert hosted[hosted.index("--rdzv-conf") + 1] == "is_host=false"  # every agent a client of the launcher's
+
+
+def test_the_head_nodes_launcher_hosts_the_store_and_leaves_after_the_others(tmp_path, monkeypatch, capsys):
+    """hpcft.launch.run_node with store_hosted: the head node's launcher serves the rendezvous store torchrun's
+    agents connect to, the other nodes say when their torchrun exited, and the head node waits for them."""
+    import dataclasses
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    from hpcft import rdzvstore
+    from hpcft.distenv import Rendezvous
+    from hpcft.launch import leave_in_order
+    from hpcft.network import pick_port
+    from hpcft.paths import RunPaths
+
+    assert rdzvstore.hosted(2, str(tmp_path)) and not rdzvstore.hosted(1, str(tmp_path))
+    assert not rdzvstore.hosted(2, None)
+    port = pick_port(29500 + os.getpid() % 1000)
+    store = rdzvstore.open_store(port)
+    agent = TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+    agent.set("rdzv", "x")  # a client (an agent with is_host=false) reaches it
+    assert store.get("rdzv") == b"x"
+
+    paths, key = RunPaths(tmp_path), "7-0-1"
+    head = Rendezvous(host="node1", port=port, run_id="r", nnodes=3, node_rank=0, nproc_per_node=2)
+    monkeypatch.setattr(rdzvstore, "LEAVE_WAIT_S", 0.5)
+    leave_in_order(paths, key, dataclasses.replace(head, node_rank=1), True)
+    leave_in_order(paths, key, head, True)  # node 2 never says it left: named, after the wait
+    assert "without word from node(s) 2 of 3" in capsys.readouterr().err
+    leave_in_order(paths, key, dataclasses.replace(head, node_rank=2), False)  # it left, even failed
+    leave_in_order(paths, key, head, True)
+    assert "closed after the other 2 node(s) left" in capsys.readouterr().out
 
 
 def test_rank_threads_share_task_cpus():

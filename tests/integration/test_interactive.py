@@ -62,6 +62,9 @@ def test_srun_pty_two_nodes_ends_clean_session_after_session(cluster, tiny_model
     assert hosts_of_ranks(run_dir) == ["node1", "node1", "node2", "node2"], out[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["finished"] is True
     assert out.count("hpcft.launch: node ") == 2  # one launcher per node, never two on one
+    # the store host (node1's launcher, not its torchrun agent) left last, and no agent failed at shutdown
+    assert "rendezvous store closed after the other 1 node(s) left" in out, out[-3000:]
+    assert "failed while shutting down" not in out and "C10d store has failed" not in out, out[-3000:]
 
 
 def test_per_task_gpus_and_a_second_launch_in_the_same_shell(cluster, tiny_model, tmp_path):
@@ -83,3 +86,23 @@ def test_a_failing_rank_ends_the_launch_non_zero_and_is_named(cluster, tmp_path)
     assert rc != 0
     line = next(x for x in out.splitlines() if x.startswith("hpcft launch: failed: "))
     assert line.startswith("hpcft launch: failed: rank 2 on node2 (exit code 1): ValueError: boom on rank 2; its log: ")
+
+
+HOLD_THE_NODES = """srun -N2 --ntasks-per-node=1 --mem=0 --exclusive sleep 120 &
+until squeue -h -s -j "$SLURM_JOB_ID" -o %j | grep -qx sleep; do sleep 0.5; done
+HPCFT_STEP_WAIT_S=3 "$PY" -m hpcft.cli launch --name held --output-dir "$OUT" -- -c pass; echo "rc=$?"
+kill %1"""
+
+
+def test_launchers_slurm_cannot_place_are_said_in_one_line_and_nothing_starts(cluster, tmp_path):
+    """Another step holds every node (all their memory, exclusively): Slurm cannot start the launchers beside
+    it. Instead of a step pending silently, hpcft launch ends 2 with one line naming the step that holds them."""
+    proc = subprocess.run(["salloc", "-N2", "--time=00:05:00", "bash", "-c", HOLD_THE_NODES], capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "runs")))
+    out = proc.stdout + proc.stderr
+    assert "rc=2" in out, out[-3000:]
+    errors = [x for x in out.splitlines() if x.startswith("hpcft launch: error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert "could not place a launcher on each of the 2 node(s) within 3 s (Requested nodes are busy)" in errors[0]
+    assert ".0 (sleep) hold them" in errors[0] and "(scancel " in errors[0], errors[0]
+    assert not list((tmp_path / "runs").rglob("rank-*")), "no rank may start"
