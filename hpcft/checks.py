@@ -1,5 +1,5 @@
 """Login-node checks of the files a job will read, without torch: the DeepSpeed JSON and the model's
-module names (from its safetensors header). submit.check_inputs runs them before anything is queued.
+linear layers (from its safetensors headers). submit.check_inputs runs them before anything is queued.
 
     check_deepspeed_json("ds.json")
     check_lora_targets("artifacts/tiny-llama", ("q_proj", "v_proj"))
@@ -50,44 +50,51 @@ def _auto_keys(node: dict, prefix: str):
             yield f"{prefix}{key}"
 
 
-def model_module_names(model_dir: str | Path) -> list[str] | None:
-    """Names of the modules that hold weights (tensor names without their last part), read from the
-    safetensors index or headers; None when the model has no safetensors (pytorch_model.bin only)."""
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        tensors = list(json.loads(index.read_text())["weight_map"])
-    else:
-        files = sorted(d.glob("*.safetensors"))
-        if not files:
-            return None
-        tensors = [name for f in files for name in _safetensors_names(f)]
-    seen = dict.fromkeys(t.rpartition(".")[0] for t in tensors)
-    return [m for m in seen if m]
+def weight_shapes(model_dir: str | Path) -> dict[str, list[int]] | None:
+    """Every tensor's name and shape, read from the safetensors headers; None when the model has no
+    safetensors (pytorch_model.bin only)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    return {name: info["shape"] for f in files for name, info in _safetensors_header(f).items()}
 
 
-def _safetensors_names(path: Path) -> list[str]:
-    """Tensor names of a .safetensors file: 8 bytes of little-endian header length, then a JSON header."""
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """A .safetensors file's tensors: 8 bytes of little-endian header length, then a JSON header."""
     with path.open("rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    return [k for k in header if k != "__metadata__"]
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "shared", "lm_head", "embed_out")
+
+
+def linear_leaves(shapes: dict[str, list[int]]) -> list[str]:
+    """Last name parts of the modules with a 2-D weight that is no embedding or output layer: the layers a
+    LoRA target can name, as the user sees them (q_proj, c_attn, qkv_proj, query_key_value, wi_0 ...)."""
+    leaves = [n.rsplit(".", 2)[-2] for n, shape in shapes.items()
+              if n.endswith(".weight") and len(shape) == 2 and not any(h in n for h in EMBEDDING_HINTS)]
+    return list(dict.fromkeys(leaves))
 
 
 def check_lora_targets(model_dir: str, targets: tuple[str, ...]) -> None:
-    """Every LoRA target matches a module as peft matches names (the whole name, or its last parts)."""
+    """Every LoRA target named matches a module as peft matches names (the whole name, or its last parts).
+    No names (the family's default) and all-linear are resolved on the ranks, where peft's table is."""
+    if not targets or "all-linear" in targets:
+        return
     try:
-        modules = model_module_names(model_dir)
+        shapes = weight_shapes(model_dir)
     except (OSError, ValueError, KeyError, struct.error) as exc:
         raise SpecError("train.model_name", f"cannot read the weight names of {model_dir} ({exc}); "
                                             "check its safetensors files") from None
-    if modules is None or "all-linear" in targets:
-        return  # pytorch_model.bin only: no torch-free way to list modules; peft says so on the ranks
+    if shapes is None:
+        return  # pytorch_model.bin only: no torch-free way to list modules; the ranks say so
+    modules = list(dict.fromkeys(n.rpartition(".")[0] for n in shapes))
     missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
     if missing:
-        leaves = list(dict.fromkeys(m.rpartition(".")[2] for m in modules if not m.rpartition(".")[2].isdigit()))
-        raise SpecError("train.lora_target_modules", f"{', '.join(missing)} not in {model_dir}; its modules "
-                                                     f"include {', '.join(leaves[:12])}")
+        raise SpecError("train.lora_target_modules", f"{', '.join(missing)} not in {model_dir}; its linear layers: "
+                                                     f"{', '.join(linear_leaves(shapes))} (or all-linear)")
 
 
 EXPORT_MARKERS = ("config.json", "adapter_config.json")  # what an earlier export (model or adapter) holds

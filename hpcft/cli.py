@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from hpcft.errors import SpecError
+from hpcft.tiny_families import FAMILIES
 
 # CLI flag -> dotted spec key; the flags users type most, everything else via key=value.
 FLAG_KEYS = {
@@ -149,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("job_ids", nargs="+", help="jobs to cancel (scancel); a cancelled job is not requeued")
     c.set_defaults(func=commands.cancel)
 
-    m = sub.add_parser("make-tiny-model", help="build a small Llama model + BPE tokenizer locally")
+    m = sub.add_parser("make-tiny-model", help="build a small random model (Llama by default) + BPE tokenizer locally")
     m.add_argument("out_dir", help="directory to write the model and tokenizer to (save_pretrained)")
-    m.add_argument("--arch", choices=("llama", "bart"), default="llama", help="decoder-only or encoder-decoder")
+    m.add_argument("--arch", choices=tuple(FAMILIES), default="llama", metavar="FAMILY",
+                   help="model family: " + ", ".join(f"{k} ({v})" for k, v in FAMILIES.items()))
     m.add_argument("--hidden-size", type=int, default=128, help="hidden size (default 128: ~1.2M parameters)")
     m.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     m.add_argument("--heads", type=int, default=4, help="attention heads; must divide --hidden-size (default 4)")

@@ -3,6 +3,7 @@
     hpcft make-tiny-model artifacts/tiny-llama                 # 1.8M params, vocab 4096
     hpcft make-tiny-model artifacts/llama-16m --hidden-size 512
     hpcft make-tiny-model artifacts/tiny-bart --arch bart       # encoder-decoder, for summarization
+    hpcft make-tiny-model artifacts/tiny-gemma2 --arch gemma2   # any family of hpcft.tiny_families
 
 The tokenizer is trained with `tokenizers` on the shipped JSONL data and carries a ChatML chat
 template (<|im_start|>role ... <|im_end|>), so chat data trains end to end; both are saved with
@@ -53,38 +54,29 @@ def train_tokenizer(files: Iterable[str | Path], vocab_size: int):
                                    unk_token="<unk>", model_max_length=2048, chat_template=CHAT_TEMPLATE)
 
 
-ARCHS = ("llama", "bart")
-
-
 def tiny_config(arch: str, tokenizer, *, hidden_size: int, num_layers: int, num_heads: int):
-    from transformers import BartConfig, LlamaConfig
+    """The config of a tiny `arch` (a family of hpcft.tiny_families) for this tokenizer."""
+    from hpcft.tiny_families import family_config
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    if arch == "bart":
-        half = max(1, num_layers // 2)
-        return BartConfig(vocab_size=len(tokenizer), d_model=hidden_size, encoder_layers=half, decoder_layers=half,
-                          encoder_attention_heads=num_heads, decoder_attention_heads=num_heads,
-                          encoder_ffn_dim=hidden_size * 2, decoder_ffn_dim=hidden_size * 2,
-                          max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                          decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=None, **ids)
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                       intermediate_size=hidden_size * 8 // 3 // 8 * 8 or 8, num_hidden_layers=num_layers,
-                       num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=2048,
-                       tie_word_embeddings=False, **ids)
+    return family_config(arch, ids, vocab=len(tokenizer), hidden=hidden_size, layers=num_layers, heads=num_heads)
 
 
 def make_tiny_model(out_dir: str | Path, *, corpus: Iterable[str | Path], vocab_size: int = 4096,
                     hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0,
-                    arch: str = "llama") -> Path:
+                    arch: str = "llama", tokenizer=None) -> Path:
+    """A random `arch` model and its tokenizer (trained on corpus, or the one given) saved in out_dir."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from hpcft.tiny_families import SEQ2SEQ
+
     out = Path(out_dir)
-    tokenizer = train_tokenizer(list(corpus), vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(list(corpus), vocab_size)
     config = tiny_config(arch, tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
     torch.manual_seed(seed)
-    cls = AutoModelForSeq2SeqLM if arch == "bart" else AutoModelForCausalLM
+    cls = AutoModelForSeq2SeqLM if arch in SEQ2SEQ else AutoModelForCausalLM
     model = cls.from_config(config)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,6 +87,13 @@ def make_tiny_model(out_dir: str | Path, *, corpus: Iterable[str | Path], vocab_
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def make_tiny_zoo(root: str | Path, families: Iterable[str], *, corpus: Iterable[str | Path], vocab_size: int = 1024,
+                  **sizes) -> dict[str, Path]:
+    """One tiny model per family under root/<family>, sharing one tokenizer (trained once)."""
+    tokenizer = train_tokenizer(list(corpus), vocab_size)
+    return {f: make_tiny_model(Path(root) / f, corpus=(), arch=f, tokenizer=tokenizer, **sizes) for f in families}
 
 
 def count_parameters(model_dir: str | Path) -> int:

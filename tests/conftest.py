@@ -35,7 +35,8 @@ def tiny_model(tmp_path_factory):
 FIRST = ("tests/integration/test_strategies.py", "tests/integration/test_time_limits.py",
          "tests/integration/test_world_resume.py", "tests/integration/test_reliability.py",
          "tests/integration/test_slurm_paths.py", "tests/integration/test_site.py",
-         "tests/integration/test_data_jobs.py", "tests/test_weight_loading.py", "tests/test_train_local.py",
+         "tests/integration/test_data_jobs.py", "tests/test_model_zoo.py", "tests/test_weight_loading.py",
+         "tests/test_train_local.py",
          "tests/test_zero_reshard.py", "tests/test_zero_patches.py", "tests/test_trackers.py",
          "tests/test_packing.py")
 

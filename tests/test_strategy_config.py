@@ -18,7 +18,7 @@ from hpcft.train.parallel import deepspeed_config
     ({"offload_optimizer": True, "strategy": "fsdp"}, "train.offload_optimizer"),
     ({"deepspeed_config": "x.json"}, "train.deepspeed_config"),
     ({"batching_strategy": "bucket"}, "train.batching_strategy"),
-    ({"use_peft": True, "lora_target_modules": []}, "train.lora_target_modules"),
+    ({"use_peft": True, "lora_target_modules": ["all-linear", "q_proj"]}, "train.lora_target_modules"),
     ({"lora_r": 0}, "train.lora_r"),
 ])
 def test_conflicting_strategy_options(train, field):

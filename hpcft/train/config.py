@@ -60,13 +60,16 @@ class TrainConfig:
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator
     lora_dropout: float = 0.05  # dropout on the LoRA path
-    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # module names that get adapters
+    # module names that get adapters; empty: the family's attention projections (peft's table by model_type:
+    # q_proj/v_proj, c_attn, qkv_proj, query_key_value, q/v); all-linear: every linear layer but the output one
+    lora_target_modules: tuple[str, ...] = ()
     quantization: str | None = None  # 4bit (QLoRA) or 8bit: needs CUDA and bitsandbytes
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling), pure_bf16 (weights in bf16)
     tf32: bool | None = None  # CUDA: TF32 tensor-core matmuls for fp32 work; default on for precision fp32 (false: exact)
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
     compile: bool = False  # torch.compile each transformer block (regional); ddp and fsdp, with LoRA and checkpointing
-    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (use_fast_kernels in llama-recipes)
+    # sdpa (eager for a family without an sdpa path: Gemma 2), eager or flash_attention_2 (llama-recipes' use_fast_kernels)
+    attn_implementation: str = "sdpa"
     batching_strategy: str = "padding"  # padding (one example per row) or packing (several examples per row)
     packing_mode: str = "isolated"  # packing: isolated (whole examples per row, positions restart and attention
     #   stays inside each example) or concat (llama-recipes: one token stream cut into rows, examples see each other)
@@ -160,8 +163,8 @@ class TrainConfig:
                                     "checkpoints synchronously: set it false or use fsdp")
         if self.deepspeed_config and not self.strategy.startswith("zero"):
             bad("deepspeed_config", f"is only read by the zero strategies (got {self.strategy})")
-        if self.use_peft and not self.lora_target_modules:
-            bad("lora_target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+        if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            bad("lora_target_modules", "all-linear stands alone: give it, or a list of module names")
         if not self.resume:
             bad("resume", "use auto, latest, never, or a checkpoint directory")
         if self.peak_tflops is not None and self.peak_tflops <= 0:

@@ -27,7 +27,7 @@ from torch import nn
 
 from hpcft.train.config import TrainConfig
 from hpcft.train.dist import Runtime
-from hpcft.train.model import adapter_init, is_adapter, load_model, model_class
+from hpcft.train.model import adapter_init, attn_implementation, is_adapter, load_model, model_class
 from hpcft.train.zero_patches import init_zero_comm
 
 WEIGHT_MODES = {"full": "read whole by every rank", "sharded": "read by each rank for its own shard only",
@@ -212,7 +212,8 @@ def _from_config(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype) -> nn.M
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.model_name, local_files_only=True)
-    return model_class(seq2seq).from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model_class(seq2seq).from_config(config, dtype=dtype,
+                                            attn_implementation=attn_implementation(cfg, config, seq2seq=seq2seq))
 
 
 def build_on_meta(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype) -> nn.Module:
@@ -221,7 +222,12 @@ def build_on_meta(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype) -> nn.
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return _from_config(cfg, seq2seq=seq2seq, dtype=dtype)
+        model = _from_config(cfg, seq2seq=seq2seq, dtype=dtype)
+    # init_empty_weights re-registers every parameter as a new meta tensor, which unties tied embeddings
+    # (lm_head and embed_tokens became two parameters, one named in no file: Llama 3.2, Qwen2.5, Gemma, GPT-2
+    # went to rank 0's read and then failed the broadcast). Tied again here, as the loaded model is.
+    model.tie_weights()
+    return model
 
 
 def build_under_zero_init(cfg: TrainConfig, rt: Runtime, *, seq2seq: bool, dtype: torch.dtype,
@@ -237,7 +243,9 @@ def build_under_zero_init(cfg: TrainConfig, rt: Runtime, *, seq2seq: bool, dtype
     # As transformers' own ZeRO-3 path builds: no weight init on the empty partitions (the files fill them),
     # rotary buffers kept in fp32 under zero.Init's dtype casting.
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=zero_config):
-        return _from_config(cfg, seq2seq=seq2seq, dtype=dtype)
+        model = _from_config(cfg, seq2seq=seq2seq, dtype=dtype)
+    model.tie_weights()  # as on the meta device (build_on_meta): the output layer shares the embedding's partition
+    return model
 
 
 @torch.no_grad()

@@ -37,11 +37,26 @@ def model_class(seq2seq: bool):
     return AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
 
 
+def attn_implementation(cfg: TrainConfig, config, *, seq2seq: bool) -> str:
+    """cfg.attn_implementation, except that sdpa becomes eager for a family transformers has no sdpa path for
+    (Gemma 2: its logits soft-capping), where asking for sdpa would stop every rank at model build."""
+    if cfg.attn_implementation != "sdpa":
+        return cfg.attn_implementation
+    try:
+        cls = model_class(seq2seq)._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        return cfg.attn_implementation
+    return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
+
+
 def load_model(cfg: TrainConfig, *, seq2seq: bool, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
     """from_pretrained(path), the whole model (hpcft.train.loading decides who calls it). Quantized weights
     are placed on this rank's GPU as they load (bitsandbytes models cannot be moved afterwards)."""
+    from transformers import AutoConfig
+
     cls = model_class(seq2seq)
-    kwargs: dict = {"attn_implementation": cfg.attn_implementation}
+    config = AutoConfig.from_pretrained(cfg.model_name, local_files_only=True)
+    kwargs: dict = {"attn_implementation": attn_implementation(cfg, config, seq2seq=seq2seq)}
     if cfg.quantization:
         from transformers import BitsAndBytesConfig
 
@@ -58,16 +73,52 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None)
 
 
+# A family peft's table does not know (Phi-3 in peft 0.21): its attention projections under the names families
+# give them, the first pattern the model's linear layers all hold.
+ATTENTION_PROJECTIONS = (("q_proj", "v_proj"), ("qkv_proj",), ("c_attn",), ("query_key_value",), ("Wqkv",),
+                         ("W_pack",), ("q", "v"), ("query", "value"))
+
+
+def lora_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str] | str:
+    """What peft is told to adapt: the names given (each must name a linear layer of this model), "all-linear"
+    (peft's meaning: every linear layer but the output one), or, when none are given, the family's attention
+    projections from peft's own table by model_type. SpecError naming the model's linear layers otherwise."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    linear = linear_leaf_names(base)
+    if targets == ("all-linear",):
+        return "all-linear"
+    if not targets:
+        model_type = getattr(base.config, "model_type", None)
+        if model_type in DEFAULTS:
+            return list(DEFAULTS[model_type])
+        found = next((list(p) for p in ATTENTION_PROJECTIONS if set(p) <= set(linear)), None)
+        if found is None:
+            raise SpecError("train.lora_target_modules", f"no default for model_type {model_type!r}; name the modules "
+                                                         f"to adapt (its linear layers: {', '.join(linear)}) or all-linear")
+        return found
+    full = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    missing = [t for t in targets if t not in linear and not any(n == t or n.endswith("." + t) for n in full)]
+    if missing:
+        raise SpecError("train.lora_target_modules", f"no linear layer named {', '.join(missing)} in this model; "
+                                                     f"its linear layers: {', '.join(linear)} (or all-linear)")
+    return list(targets)
+
+
+def linear_leaf_names(model: nn.Module) -> list[str]:
+    """The last name part of every linear layer (nn.Linear, GPT-2's Conv1D), in model order, the output one aside."""
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not out_layer]
+    return list(dict.fromkeys(names))
+
+
 def apply_lora(model: nn.Module, cfg: TrainConfig, *, seq2seq: bool) -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [m for m in cfg.lora_target_modules if m not in names]
-    if missing:
-        raise SpecError("train.lora_target_modules", f"no module named {', '.join(missing)} in this model; "
-                                                     f"linear layers here include e.g. {', '.join(sorted(names & _LINEAR_HINT))}")
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_target_modules), bias="none",
+                        target_modules=lora_targets(model, cfg.lora_target_modules), bias="none",
                         task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM)
     return get_peft_model(model, config)
 
@@ -96,9 +147,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         if is_adapter(name):
             param.copy_(adapter_init(name, param.shape, generator))
-
-
-_LINEAR_HINT = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

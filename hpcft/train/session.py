@@ -137,6 +137,9 @@ def build_session(cfg: TrainConfig, rt: Runtime, paths: RunPaths, *, data: Data 
         model = loaded.model
         if cfg.use_peft:
             model = apply_lora(model, cfg, seq2seq=data.seq2seq)
+            targets = model.peft_config["default"].target_modules
+            print0(rt, f"hpcft.train: LoRA r={cfg.lora_r} on {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
+                       + ("" if cfg.lora_target_modules else f" (the default for {model.config.model_type})"))
             if loaded.mode != "sharded":  # a sharded model's adapters are drawn alike as its shards fill
                 init_adapters(model, cfg.seed)
         if cfg.activation_checkpointing:
